@@ -1,0 +1,11 @@
+"""distshard: load one sharded checkpoint into a model across a torch.distributed job, with each
+file read by one rank and the tensors sent to the ranks that need them."""
+
+from __future__ import annotations
+
+from .errors import DistShardError, RankFailure
+from .loader import DEFAULT_BUCKET_SIZE, LoadOptions, load
+from .report import LoadReport
+
+__all__ = ["DEFAULT_BUCKET_SIZE", "DistShardError", "LoadOptions", "LoadReport", "RankFailure", "load"]
+__version__ = "0.1.0"

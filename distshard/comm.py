@@ -1,0 +1,86 @@
+"""The collectives of a load. No files here.
+
+Every function of :class:`Comm` is a collective: every rank of the group calls it, in the same
+order. Errors never skip a collective: a rank that failed keeps taking part (with whatever bytes
+it has) and reports its failure at the next :meth:`Comm.agree`, where every rank learns of it.
+That is what keeps one rank's error from leaving the others waiting forever.
+"""
+
+from __future__ import annotations
+
+import traceback
+
+import torch
+import torch.distributed as dist
+
+from .errors import DistShardError, RankFailure
+
+__all__ = ["Comm", "failure_of"]
+
+
+class Comm:
+    """A process group (or a single process when torch.distributed is not initialised)."""
+
+    def __init__(self, group: dist.ProcessGroup | None = None) -> None:
+        self.distributed = dist.is_available() and dist.is_initialized()
+        if group is not None and not self.distributed:
+            raise ValueError("group= was given but torch.distributed is not initialised")
+        self.group = group
+        if not self.distributed:
+            self.rank, self.world_size, self.backend = 0, 1, None
+            self.device = torch.device("cpu")
+            return
+        self.rank = dist.get_rank(group)
+        if self.rank < 0:
+            raise ValueError(
+                "this process is not a member of group=; only the group's ranks call distshard.load")
+        self.world_size = dist.get_world_size(group)
+        self.backend = str(dist.get_backend(group))
+        self.device = _backend_device(self.backend)
+
+    def broadcast(self, tensor: torch.Tensor, src: int) -> None:
+        """Broadcast ``tensor`` in place from group rank ``src``."""
+        if self.world_size > 1:
+            dist.broadcast(tensor, group=self.group, group_src=src)
+
+    def broadcast_object(self, obj: object, src: int = 0) -> object:
+        if self.world_size == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, group=self.group, group_src=src, device=self.device)
+        return box[0]
+
+    def agree(self, failure: RankFailure | None, stats: list[int]) -> list[list[int]]:
+        """Exchange each rank's failure flag and integer ``stats``; return every rank's stats.
+
+        If any rank failed, every rank raises the same :class:`DistShardError` listing all
+        failures. One small all-gather when all is well; failure messages travel only when a
+        rank failed.
+        """
+        row = torch.tensor([int(failure is not None), *stats], dtype=torch.int64, device=self.device)
+        if self.world_size == 1:
+            rows = [row]
+        else:
+            rows = [torch.empty_like(row) for _ in range(self.world_size)]
+            dist.all_gather(rows, row, group=self.group)
+        if any(int(r[0]) for r in rows):
+            failures = [failure]
+            if self.world_size > 1:
+                failures = [None] * self.world_size
+                dist.all_gather_object(failures, failure, group=self.group)
+            raise DistShardError.from_failures([f for f in failures if f is not None])
+        return [r[1:].tolist() for r in rows]
+
+
+def _backend_device(backend: str) -> torch.device:
+    if "nccl" in backend and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def failure_of(exc: BaseException, rank: int, phase: str) -> RankFailure:
+    """Record a local exception; a DistShardError keeps its file and key."""
+    message = str(exc) if isinstance(exc, DistShardError) else f"{type(exc).__name__}: {exc}"
+    return RankFailure(rank=rank, phase=phase, message=message,
+                       file=getattr(exc, "file", None), key=getattr(exc, "key", None),
+                       traceback="".join(traceback.format_exception(exc)))

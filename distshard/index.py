@@ -1,0 +1,231 @@
+"""Find and describe a checkpoint: the index, the safetensors headers, the ``.bin`` pickles.
+
+Only metadata is read here, never tensor data. safetensors headers are validated by the
+safetensors library itself (``safe_open``: header size cap, dtype names, offsets that tile the
+data area exactly, byte lengths that match shapes); only after it accepts a file do we read the
+byte offsets from the same header, which the library does not expose.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import DistShardError
+
+__all__ = [
+    "Checkpoint",
+    "FileInfo",
+    "TensorInfo",
+    "describe_file",
+    "find_checkpoint",
+    "safe_path",
+]
+
+SAFE_INDEX = "model.safetensors.index.json"
+SAFE_SINGLE = "model.safetensors"
+BIN_INDEX = "pytorch_model.bin.index.json"
+BIN_SINGLE = "pytorch_model.bin"
+# safetensors refuses headers above 100 MB; an index json of that size is equally absurd.
+MAX_INDEX_BYTES = 100_000_000
+
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "BOOL": torch.bool,
+    "U8": torch.uint8,
+    "I8": torch.int8,
+    "I16": torch.int16,
+    "U16": torch.uint16,
+    "I32": torch.int32,
+    "U32": torch.uint32,
+    "I64": torch.int64,
+    "U64": torch.uint64,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "C64": torch.complex64,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class TensorInfo:
+    """One tensor of a checkpoint file. ``begin`` is a byte offset into the file (safetensors
+    only; ``None`` for ``.bin`` files, whose tensors are found by key)."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    begin: int | None
+
+    @property
+    def nbytes(self) -> int:
+        numel = 1
+        for size in self.shape:
+            numel *= size
+        return numel * self.dtype.itemsize
+
+
+@dataclass(frozen=True, slots=True)
+class FileInfo:
+    """One checkpoint file as rank 0 saw it while planning (size and mtime guard against the
+    file changing before its owner reads it)."""
+
+    name: str
+    kind: str  # "safetensors" | "bin"
+    size: int
+    mtime_ns: int
+    tensors: dict[str, TensorInfo]
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    """Where a checkpoint lives, its files, and which file holds each key (``weight_map``;
+    ``None`` for a single-file checkpoint, whose keys are those of its one file)."""
+
+    root: str
+    kind: str  # "safetensors" | "bin"
+    files: tuple[str, ...]
+    weight_map: dict[str, str] | None
+
+
+def find_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Resolve a folder or file into a :class:`Checkpoint` (safetensors wins over ``.bin``)."""
+    p = Path(path)
+    if p.is_dir():
+        for name, kind in ((SAFE_INDEX, "safetensors"), (SAFE_SINGLE, "safetensors"),
+                           (BIN_INDEX, "bin"), (BIN_SINGLE, "bin")):
+            if (p / name).is_file():
+                return _from_file(p / name, kind)
+        raise DistShardError(
+            f"no checkpoint in folder {str(p)!r}: expected one of {SAFE_INDEX}, {SAFE_SINGLE}, "
+            f"{BIN_INDEX} or {BIN_SINGLE}", file=str(p))
+    if not p.exists():
+        raise DistShardError(f"checkpoint {str(p)!r} does not exist", file=str(p))
+    if p.name.endswith(".index.json"):
+        kind = "safetensors" if ".safetensors" in p.name else "bin"
+    else:
+        kind = "safetensors" if p.suffix == ".safetensors" else "bin"
+    return _from_file(p, kind)
+
+
+def _from_file(p: Path, kind: str) -> Checkpoint:
+    root = str(p.parent.absolute())
+    if not p.name.endswith(".index.json"):
+        return Checkpoint(root=root, kind=kind, files=(p.name,), weight_map=None)
+    weight_map = _read_weight_map(p)
+    for key, name in weight_map.items():
+        safe_path(root, name, key=key)  # refuse bad paths before touching any file
+    return Checkpoint(root=root, kind=kind, files=tuple(sorted(set(weight_map.values()))),
+                      weight_map=weight_map)
+
+
+def _read_weight_map(p: Path) -> dict[str, str]:
+    if p.stat().st_size > MAX_INDEX_BYTES:
+        raise DistShardError(f"index {p.name!r} is larger than {MAX_INDEX_BYTES} bytes", file=p.name)
+    try:
+        index = json.loads(p.read_bytes())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise DistShardError(f"index {p.name!r} is not valid JSON: {e}", file=p.name) from None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise DistShardError(
+            f"index {p.name!r} has no 'weight_map' naming tensor files", file=p.name)
+    for key, name in weight_map.items():
+        if not isinstance(name, str) or not name:
+            raise DistShardError(
+                f"index {p.name!r} maps key {key!r} to {name!r}, not a file name",
+                file=p.name, key=key)
+    return weight_map
+
+
+def safe_path(root: str, name: str, *, key: str | None = None) -> str:
+    """The absolute path of checkpoint file ``name`` inside ``root``, or ``DistShardError``.
+
+    Rules: ``name`` is relative and has no ``..`` part; once symbolic links are followed it is
+    still inside ``root`` -- or, for a Hugging Face cache snapshot (``.../snapshots/<rev>/``),
+    inside that repository's ``blobs/`` folder, where the cache keeps the real files.
+
+    >>> safe_path("/ckpt", "/etc/passwd")
+    Traceback (most recent call last):
+    ...
+    distshard.errors.DistShardError: file '/etc/passwd' is an absolute path; ...
+    """
+    parts = Path(name).parts
+    if os.path.isabs(name) or name.startswith(("/", "\\")):
+        raise DistShardError(
+            f"file {name!r} is an absolute path; the index may only name files inside the "
+            f"checkpoint folder", file=name, key=key)
+    if ".." in parts or "\\" in name:
+        raise DistShardError(
+            f"file {name!r} leaves the checkpoint folder ('..' or '\\'); the index may only name "
+            f"files inside it", file=name, key=key)
+    real_root = os.path.realpath(root)
+    real = os.path.realpath(os.path.join(root, name))
+    allowed = [real_root]
+    if os.path.basename(os.path.dirname(real_root)) == "snapshots":
+        allowed.append(os.path.join(os.path.dirname(os.path.dirname(real_root)), "blobs"))
+    if not any(real.startswith(a + os.sep) for a in allowed):
+        raise DistShardError(
+            f"file {name!r} resolves to {real!r}, outside the checkpoint folder {real_root!r} "
+            f"(a symbolic link may only point inside it, or into a Hugging Face cache's blobs/)",
+            file=name, key=key)
+    return real
+
+
+def describe_file(root: str, name: str, kind: str) -> FileInfo:
+    """Read and validate the metadata of one checkpoint file (never its tensor data)."""
+    path = safe_path(root, name)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise DistShardError(f"file {name!r} named by the index does not exist", file=name) from None
+    if not stat.S_ISREG(st.st_mode):
+        raise DistShardError(f"file {name!r} is not a regular file", file=name)
+    tensors = _safetensors_header(path, name) if kind == "safetensors" else _bin_header(path, name)
+    return FileInfo(name=name, kind=kind, size=st.st_size, mtime_ns=st.st_mtime_ns, tensors=tensors)
+
+
+def _safetensors_header(path: str, name: str) -> dict[str, TensorInfo]:
+    from safetensors import safe_open
+
+    try:  # the library's own validation: sizes, dtypes, offsets, overlaps, header cap
+        with safe_open(path, framework="pt") as f:
+            keys = set(f.keys())
+    except Exception as e:  # safetensors raises its own SafetensorError / OSError types
+        raise DistShardError(f"file {name!r} is not a valid safetensors file: {e}", file=name) from None
+    with open(path, "rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(header_len))
+    data_start = 8 + header_len
+    tensors = {}
+    for key in keys:
+        entry = header[key]
+        dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
+        if dtype is None:
+            raise DistShardError(
+                f"file {name!r} holds key {key!r} with dtype {entry['dtype']} that distshard "
+                f"does not load", file=name, key=key)
+        begin, _ = entry["data_offsets"]
+        tensors[key] = TensorInfo(dtype=dtype, shape=tuple(entry["shape"]), begin=data_start + begin)
+    return tensors
+
+
+def _bin_header(path: str, name: str) -> dict[str, TensorInfo]:
+    # weights_only refuses any pickle that would run code; mmap keeps the data on disk.
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:
+        raise DistShardError(
+            f"file {name!r} could not be read with torch.load(weights_only=True): {e}",
+            file=name) from None
+    if not isinstance(state, dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise DistShardError(f"file {name!r} is not a dict of tensors", file=name)
+    return {k: TensorInfo(dtype=v.dtype, shape=tuple(v.shape), begin=None) for k, v in state.items()}

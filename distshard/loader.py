@@ -1,0 +1,220 @@
+"""``distshard.load``: the one short function that joins planning, reading, collectives and
+materialisation. Each phase ends in :meth:`Comm.agree`, so a failure anywhere stops every rank
+at the same point, and the model is changed only after the last agreement."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from . import _faults
+from .comm import Comm, failure_of
+from .errors import DistShardError
+from .index import describe_file, find_checkpoint
+from .materialize import ModelTargets
+from .plan import LoadPlan, make_plan
+from .reader import ShardReader
+from .report import LoadReport, PeakMemorySampler
+from .validate import match_checkpoint
+
+__all__ = ["DEFAULT_BUCKET_SIZE", "LoadOptions", "load"]
+
+logger = logging.getLogger("distshard")
+
+# Large enough that per-collective latency is amortised, small enough to stay a footnote
+# next to the model itself.
+DEFAULT_BUCKET_SIZE = 64 * 2**20
+
+
+@dataclass(kw_only=True, slots=True)
+class LoadOptions:
+    device: torch.device | None = None
+    dtype: torch.dtype | None = None
+    strict: bool = True
+    bucket_size: int = DEFAULT_BUCKET_SIZE
+    log_summary: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.bucket_size, int) or self.bucket_size < 1:
+            raise ValueError(f"bucket_size must be a positive number of bytes, got {self.bucket_size!r}")
+        if self.dtype is not None and not (isinstance(self.dtype, torch.dtype)
+                                           and self.dtype.is_floating_point):
+            raise ValueError(f"dtype must be a floating torch.dtype or None, got {self.dtype!r}")
+        if self.device is not None:
+            self.device = torch.device(self.device)
+            if self.device.type == "meta":
+                raise ValueError("device='meta' would load nothing; pass a real device")
+
+
+@dataclass(frozen=True, slots=True)
+class _Outcome:
+    """What rank 0 decides and broadcasts: the plan and the key bookkeeping."""
+
+    root: str
+    plan: LoadPlan
+    loaded_keys: tuple[str, ...]
+    missing_keys: tuple[str, ...]
+    unexpected_keys: tuple[str, ...]
+
+
+def load(
+    model: torch.nn.Module,
+    checkpoint: str | os.PathLike,
+    *,
+    group: dist.ProcessGroup | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    strict: bool = True,
+    bucket_size: int = DEFAULT_BUCKET_SIZE,
+    log_summary: bool = True,
+) -> LoadReport:
+    """Load ``checkpoint`` into ``model`` on every rank of ``group``; each file is read by one rank.
+
+    Collective: every rank of ``group`` (default: the whole job; none needed for one process)
+    calls it with the same arguments, and no other collective may run on ``group`` meanwhile.
+    ``model`` may have parameters on meta (they land on ``device``: default the CPU for gloo,
+    the current CUDA device for nccl) or on a real device (loaded in place). Floating tensors
+    take the model's dtype, or ``dtype`` when given. Any failure on any rank raises the same
+    :class:`DistShardError` on every rank, and the model is then left unchanged.
+    """
+    options = LoadOptions(device=device, dtype=dtype, strict=strict, bucket_size=bucket_size,
+                          log_summary=log_summary)
+    comm = Comm(group)
+    target_device = options.device or comm.device
+    started = time.perf_counter()
+    with PeakMemorySampler() as memory:
+        try:
+            targets, outcome = _plan(model, checkpoint, comm, options)
+            dests = _allocate(targets, outcome.plan, comm, target_device)
+            reader = _distribute(targets, outcome, dests, comm)
+            stats = _prepare_commit(targets, outcome, comm, reader, memory)
+        except DistShardError:
+            raise
+        except Exception as e:  # a collective broke: a peer exited or the group timed out
+            raise DistShardError(
+                f"distshard: a collective failed on rank {comm.rank} ({type(e).__name__}: {e}); "
+                "another rank probably exited or timed out; see its log") from e
+        targets.commit(dests, target_device)
+    report = LoadReport(
+        rank=comm.rank, world_size=comm.world_size, loaded_keys=list(outcome.loaded_keys),
+        missing_keys=list(outcome.missing_keys), unexpected_keys=list(outcome.unexpected_keys),
+        files_read=reader.files_read, bytes_read=reader.bytes_read,
+        bytes_read_per_rank=[s[0] for s in stats], total_bytes_read=sum(s[0] for s in stats),
+        seconds=time.perf_counter() - started, peak_host_memory=memory.peak_above_baseline,
+        peak_host_memory_per_rank=[s[1] for s in stats])
+    if options.log_summary and comm.rank == 0:
+        logger.info(report.summary())
+    return report
+
+
+def _plan(model, checkpoint, comm: Comm, options: LoadOptions) -> tuple[ModelTargets, _Outcome]:
+    """Every rank inspects its model; rank 0 validates the checkpoint and plans; all agree."""
+    failure, targets, outcome, signature = None, None, None, 0
+    try:
+        _faults.check("validate", comm.rank)
+        targets = ModelTargets(model, options.dtype)
+        signature = targets.signature()
+        if comm.rank == 0:
+            outcome = _validate_and_plan(checkpoint, targets, comm.world_size, options)
+    except Exception as e:
+        failure = failure_of(e, comm.rank, "validate")
+    signatures = [row[0] for row in comm.agree(failure, [signature])]
+    differ = [r for r, s in enumerate(signatures) if s != signatures[0]]
+    if differ:
+        raise DistShardError(
+            f"distshard: the model on rank(s) {differ} differs from rank 0's (parameter names, "
+            "shapes or dtypes); every rank must build the same model before calling load")
+    return targets, comm.broadcast_object(outcome)
+
+
+def _validate_and_plan(checkpoint, targets: ModelTargets, world_size: int,
+                       options: LoadOptions) -> _Outcome:
+    ckpt = find_checkpoint(checkpoint)
+    files = [describe_file(ckpt.root, name, ckpt.kind) for name in ckpt.files]
+    match = match_checkpoint(files, ckpt.weight_map, targets.specs(), strict=options.strict)
+    plan = make_plan(match.files, world_size, options.bucket_size)
+    return _Outcome(ckpt.root, plan, match.loaded_keys, match.missing_keys, match.unexpected_keys)
+
+
+def _allocate(targets: ModelTargets, plan: LoadPlan, comm: Comm,
+              device: torch.device) -> dict[str, torch.Tensor]:
+    failure, dests = None, None
+    try:
+        _faults.check("plan", comm.rank)
+        dests = targets.allocate(plan, device)
+    except Exception as e:
+        failure = failure_of(e, comm.rank, "plan")
+    comm.agree(failure, [])
+    return dests
+
+
+def _distribute(targets: ModelTargets, outcome: _Outcome, dests, comm: Comm) -> ShardReader:
+    """Walk the plan's buckets: the owner reads, everyone receives and unpacks.
+
+    A rank that fails stops reading and unpacking but keeps joining every broadcast, so the
+    collective sequence stays the plan's; the failure is raised at the agreement below.
+    """
+    reader = ShardReader(outcome.root, outcome.plan)
+    staging = _Staging(comm.device)
+    failure = None
+    for bucket in outcome.plan.buckets:
+        direct = targets.direct_buffer(bucket, dests, comm.device)
+        buf = direct if direct is not None else staging.get(bucket.nbytes)
+        if bucket.owner == comm.rank and failure is None:
+            try:
+                _faults.check("read", comm.rank)
+                staging.read_into(reader, bucket, buf)
+            except Exception as e:
+                failure = failure_of(e, comm.rank, "read")
+        comm.broadcast(buf, bucket.owner)
+        if failure is None:
+            try:
+                _faults.check("distribute", comm.rank)
+                if direct is None:
+                    targets.unpack(bucket, buf, dests)
+            except Exception as e:
+                failure = failure_of(e, comm.rank, "distribute")
+    reader.close()
+    comm.agree(failure, [])
+    return reader
+
+
+def _prepare_commit(targets: ModelTargets, outcome: _Outcome, comm: Comm, reader: ShardReader,
+                    memory: PeakMemorySampler) -> list[list[int]]:
+    failure = None
+    try:
+        _faults.check("materialize", comm.rank)
+        targets.check_complete(set(outcome.loaded_keys))
+    except Exception as e:
+        failure = failure_of(e, comm.rank, "materialize")
+    return comm.agree(failure, [reader.bytes_read, memory.peak_above_baseline])
+
+
+class _Staging:
+    """Reusable bucket buffers: one on the collective's device, and for a CUDA group one in
+    pinned host memory that the reader fills before the copy to the GPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._buf = torch.empty(0, dtype=torch.uint8, device=device)
+        self._host = self._buf if device.type == "cpu" else torch.empty(0, dtype=torch.uint8)
+
+    def get(self, nbytes: int) -> torch.Tensor:
+        if self._buf.numel() < nbytes:
+            self._buf = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        return self._buf[:nbytes]
+
+    def read_into(self, reader: ShardReader, bucket, buf: torch.Tensor) -> None:
+        if buf.device.type == "cpu":
+            reader.read(bucket, buf)
+            return
+        if self._host.numel() < bucket.nbytes:
+            self._host = torch.empty(bucket.nbytes, dtype=torch.uint8, pin_memory=True)
+        host = self._host[:bucket.nbytes]
+        reader.read(bucket, host)
+        buf.copy_(host)

@@ -1,0 +1,146 @@
+"""The model's side of a load: what it holds, where loaded values land, and the final swap.
+
+Nothing here touches the model until :meth:`ModelTargets.commit`, which runs only after every
+rank agreed that everything arrived; until then loaded values live in fresh tensors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import DistShardError
+from .plan import Bucket, LoadPlan
+from .validate import TargetSpec
+
+__all__ = ["ModelTargets"]
+
+
+@dataclass(slots=True)
+class _Target:
+    """One tensor object of the model and every (module, attribute) that holds it."""
+
+    names: list[str]
+    tensor: torch.Tensor
+    is_param: bool
+    refs: list[tuple[torch.nn.Module, str]] = field(default_factory=list)
+
+
+class ModelTargets:
+    """Parameters and persistent buffers of ``model``, grouped by tensor object (tied weights
+    form one group), plus the non-persistent buffers, which are never loaded."""
+
+    def __init__(self, model: torch.nn.Module, dtype: torch.dtype | None = None) -> None:
+        tie = getattr(model, "tie_weights", None)
+        if callable(tie):
+            # Hugging Face models re-tie here: construction under accelerate's
+            # init_empty_weights leaves tied parameters as separate meta tensors.
+            tie()
+        self.dtype = dtype
+        self._groups: dict[int, _Target] = {}
+        self._extra_buffers: dict[int, _Target] = {}
+        for prefix, module in model.named_modules(remove_duplicate=False):
+            dot = f"{prefix}." if prefix else ""
+            for name, p in module._parameters.items():
+                if p is not None:
+                    self._add(self._groups, module, name, dot + name, p, True)
+            for name, b in module._buffers.items():
+                if b is None:
+                    continue
+                persistent = name not in module._non_persistent_buffers_set
+                table = self._groups if persistent else self._extra_buffers
+                self._add(table, module, name, dot + name, b, False)
+        self.by_name = {n: t for t in self._groups.values() for n in t.names}
+
+    @staticmethod
+    def _add(table, module, attr, full_name, tensor, is_param) -> None:
+        target = table.setdefault(id(tensor), _Target([], tensor, is_param))
+        target.names.append(full_name)
+        target.refs.append((module, attr))
+
+    def target_dtype(self, t: torch.Tensor) -> torch.dtype:
+        return self.dtype if self.dtype is not None and t.dtype.is_floating_point else t.dtype
+
+    def specs(self) -> list[TargetSpec]:
+        return [TargetSpec(tuple(sorted(t.names)), tuple(t.tensor.shape), self.target_dtype(t.tensor))
+                for t in self._groups.values()]
+
+    def signature(self) -> int:
+        """A 63-bit digest of names, shapes and dtypes: equal on ranks that built one model."""
+        text = "\n".join(sorted(f"{s.names}:{list(s.shape)}:{s.dtype}" for s in self.specs()))
+        return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1
+
+    # --- loading --------------------------------------------------------------------------
+
+    def allocate(self, plan: LoadPlan, device: torch.device) -> dict[str, torch.Tensor]:
+        """Fresh tensors for every key the plan loads: on ``device`` for meta tensors, beside
+        the current value for real ones."""
+        dests = {}
+        for bucket in plan.buckets:
+            for slot in bucket.slots:
+                t = self.by_name[slot.key].tensor
+                where = device if t.is_meta else t.device
+                dests[slot.key] = torch.empty(t.shape, dtype=self.target_dtype(t), device=where)
+        return dests
+
+    @staticmethod
+    def direct_buffer(bucket: Bucket, dests: dict[str, torch.Tensor] | None,
+                      device: torch.device) -> torch.Tensor | None:
+        """The destination's own bytes, when a bucket is one tensor that needs no conversion:
+        it is then read or received in place, with no staging copy."""
+        if dests is None or len(bucket.slots) != 1:
+            return None
+        slot = bucket.slots[0]
+        dest = dests[slot.key]
+        if dest.dtype != slot.dtype or dest.device != device or dest.numel() == 0:
+            return None
+        return dest.reshape(-1).view(torch.uint8)
+
+    @staticmethod
+    def unpack(bucket: Bucket, buf: torch.Tensor, dests: dict[str, torch.Tensor]) -> None:
+        """Copy (and convert) each tensor of a received bucket into its destination."""
+        for slot in bucket.slots:
+            src = buf[slot.offset:slot.offset + slot.nbytes].view(slot.dtype).view(slot.shape)
+            dest = dests[slot.key]
+            if dest.data_ptr() != src.data_ptr() or dest.numel() == 0:
+                dest.copy_(src)
+
+    def check_complete(self, loaded: set[str]) -> None:
+        """Refuse to commit a model that would keep a tensor on meta."""
+        left = sorted(n for t in self._groups.values() if t.tensor.is_meta
+                      and not loaded.intersection(t.names) for n in t.names)
+        left += sorted(n for t in self._extra_buffers.values() if t.tensor.is_meta for n in t.names)
+        if left:
+            raise DistShardError(
+                f"{len(left)} tensor(s) would stay on the meta device: {', '.join(left)}. "
+                "Non-persistent buffers (such as rotary inv_freq) are not in checkpoints, so the "
+                "model must build them: construct it under accelerate.init_empty_weights() "
+                "(parameters on meta, buffers real) rather than torch.device('meta'); a parameter "
+                "missing from the checkpoint must be built on a real device (strict=False).",
+                key=left[0])
+
+    def commit(self, dests: dict[str, torch.Tensor], device: torch.device) -> None:
+        """Swap the loaded values into the model. Meta tensors are replaced by new ones (every
+        tied name gets the same object); real ones keep their identity (``.data`` swap), so
+        optimizers and hooks that hold them stay valid. Buffers the checkpoint does not hold
+        move to ``device``."""
+        for target in self._groups.values():
+            key = next((n for n in target.names if n in dests), None)
+            if key is None:
+                continue
+            value, old = dests[key], target.tensor
+            if not old.is_meta:
+                old.data = value
+                continue
+            new = torch.nn.Parameter(value, requires_grad=old.requires_grad) if target.is_param else value
+            for module, attr in target.refs:
+                (module._parameters if target.is_param else module._buffers)[attr] = new
+            target.tensor = new
+        for target in self._extra_buffers.values():
+            if target.tensor.device != device:
+                moved = target.tensor.to(device)
+                for module, attr in target.refs:
+                    module._buffers[attr] = moved
+                target.tensor = moved

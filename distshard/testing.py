@@ -1,0 +1,103 @@
+"""Run a function on N gloo ranks in spawned processes, for tests on CPU-only machines.
+
+    from distshard.testing import run_ranks
+
+    def body(rank, world_size, ckpt):          # module level, so spawn can import it
+        ...
+        return something_picklable
+
+    results = run_ranks(body, 4, ckpt, timeout=120)
+
+Rendezvous is a file in a fresh temporary folder (no ports), every rank gets
+``OMP_NUM_THREADS=1``, and a deadline kills every rank: a hang fails the test instead of
+stalling it. When ranks fail, :class:`RanksFailed` carries every failing rank's own traceback,
+not only a peer's "connection closed".
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+__all__ = ["RanksFailed", "run_ranks"]
+
+
+class RanksFailed(AssertionError):
+    """One or more ranks raised, exited, or missed the deadline. ``errors`` maps rank -> text."""
+
+    def __init__(self, message: str, errors: dict[int, str]) -> None:
+        super().__init__(message)
+        self.errors = errors
+
+
+def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 120.0,
+              backend: str = "gloo", env: dict[str, str] | None = None) -> list[Any]:
+    """Call ``fn(rank, world_size, *args)`` on ``world_size`` ranks; return their results in
+    rank order. ``fn`` and ``args`` must be picklable; the process group is initialised before
+    ``fn`` runs and destroyed after."""
+    tmp = tempfile.mkdtemp(prefix="distshard-ranks-")
+    results = mp.get_context("spawn").SimpleQueue()
+    ctx = mp.start_processes(
+        _rank_main, args=(fn, world_size, args, os.path.join(tmp, "rdzv"), results, backend,
+                          timeout, env or {}),
+        nprocs=world_size, join=False, start_method="spawn")
+    try:
+        return _collect(ctx, results, world_size, timeout)
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+            p.join()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _collect(ctx, results, world_size: int, timeout: float) -> list[Any]:
+    deadline = time.monotonic() + timeout
+    done: dict[int, tuple[bool, Any]] = {}
+    while len(done) < world_size:
+        while not results.empty():
+            rank, ok, value = results.get()
+            done[rank] = (ok, value)
+        if len(done) == world_size:
+            break
+        for rank, p in enumerate(ctx.processes):
+            if rank not in done and p.exitcode is not None and results.empty():
+                done[rank] = (False, f"rank {rank} exited with code {p.exitcode} without a result")
+        if time.monotonic() > deadline:
+            for rank in range(world_size):
+                done.setdefault(rank, (False, f"rank {rank} did not finish within {timeout:.0f} s "
+                                              "(hung?); all ranks were killed"))
+            break
+        time.sleep(0.05)
+    errors = {rank: value for rank, (ok, value) in sorted(done.items()) if not ok}
+    if errors:
+        text = "\n".join(f"--- rank {rank} ---\n{msg}" for rank, msg in errors.items())
+        raise RanksFailed(f"{len(errors)} of {world_size} rank(s) failed:\n{text}", errors)
+    return [done[rank][1] for rank in range(world_size)]
+
+
+def _rank_main(rank, fn, world_size, args, rdzv_file, results, backend, timeout, env) -> None:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.update(env)
+    import torch
+
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group(backend, init_method=f"file://{rdzv_file}", rank=rank,
+                                world_size=world_size, timeout=timedelta(seconds=timeout))
+        value = fn(rank, world_size, *args)
+        results.put((rank, True, value))
+    except BaseException:
+        results.put((rank, False, traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
