@@ -36,11 +36,17 @@ class ShardReader:
 
     def read(self, bucket: Bucket, buf: torch.Tensor) -> None:
         """Fill ``buf`` (CPU, uint8, at least ``bucket.nbytes``) with the bucket's tensors."""
-        self._open(self.plan.file(bucket.file))
-        if self._state is not None:
-            self._copy_from_state(bucket, buf)
-        else:
-            self._preadv(bucket, buf)
+        try:
+            self._open(self.plan.file(bucket.file))
+            if self._state is not None:
+                self._copy_from_state(bucket, buf)
+            else:
+                self._preadv(bucket, buf)
+        except DistShardError:
+            raise
+        except Exception as e:  # OSError and friends: say which file and tensor
+            raise DistShardError(f"reading file {bucket.file!r} failed: {type(e).__name__}: {e}",
+                                 file=bucket.file, key=bucket.slots[0].key) from e
 
     def close(self) -> None:
         if self._fd is not None:

@@ -1,0 +1,88 @@
+"""The plan is pure: unit tests and a property test, no processes, no files."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from distshard.index import FileInfo, TensorInfo
+from distshard.plan import ALIGN, assign_files, make_plan
+
+
+def file_of(name: str, sizes: list[int], kind: str = "safetensors") -> FileInfo:
+    tensors, begin = {}, 8
+    for i, n in enumerate(sizes):
+        tensors[f"{name}.t{i}"] = TensorInfo(torch.uint8, (n,), begin if kind == "safetensors" else None)
+        begin += n
+    return FileInfo(name=name, kind=kind, size=begin, mtime_ns=0, tensors=tensors)
+
+
+def test_largest_file_goes_first_to_the_least_loaded_rank():
+    assert assign_files({"a": 10, "b": 7, "c": 5, "d": 4}, 2) == {"a": 0, "b": 1, "c": 1, "d": 0}
+
+
+def test_assignment_is_deterministic_on_ties():
+    assert assign_files({"y": 1, "x": 1, "z": 1}, 2) == {"x": 0, "y": 1, "z": 0}
+
+
+def test_more_ranks_than_files_leaves_some_ranks_without_reads():
+    plan = make_plan([file_of("f", [100, 100])], world_size=4, bucket_size=1 << 20)
+    assert plan.bytes_per_rank() == [200, 0, 0, 0]
+    assert {b.owner for b in plan.buckets} == {0}
+
+
+def test_buckets_respect_the_size_and_keep_file_order():
+    plan = make_plan([file_of("f", [30, 30, 30, 100, 5])], world_size=1, bucket_size=64)
+    assert [[s.key for s in b.slots] for b in plan.buckets] == [
+        ["f.t0", "f.t1"], ["f.t2"], ["f.t3"], ["f.t4"]]
+    assert all(b.nbytes <= 64 for b in plan.buckets if len(b.slots) > 1)
+    assert plan.buckets[2].nbytes == 100  # a tensor larger than a bucket travels alone
+
+
+def test_slots_are_aligned_so_buckets_can_be_viewed_as_any_dtype():
+    plan = make_plan([file_of("f", [3, 5, 7, 0, 9])], world_size=1, bucket_size=1 << 20)
+    assert all(s.offset % ALIGN == 0 for b in plan.buckets for s in b.slots)
+
+
+def test_buckets_of_different_owners_are_interleaved():
+    files = [file_of("a", [10] * 3), file_of("b", [10] * 3)]
+    plan = make_plan(files, world_size=2, bucket_size=10)
+    assert [b.owner for b in plan.buckets] == [0, 1, 0, 1, 0, 1]
+
+
+@pytest.mark.parametrize("bad", [0, -1])
+def test_bad_bucket_size_is_refused(bad):
+    with pytest.raises(ValueError, match="bucket_size"):
+        make_plan([file_of("f", [1])], world_size=1, bucket_size=bad)
+
+
+def test_world_size_below_one_is_refused():
+    with pytest.raises(ValueError, match="world_size"):
+        assign_files({"a": 1}, 0)
+
+
+layouts = st.lists(st.lists(st.integers(0, 5000), min_size=1, max_size=6), min_size=1, max_size=12)
+
+
+@settings(max_examples=300, deadline=None)
+@given(layout=layouts, world_size=st.integers(1, 9), bucket_size=st.integers(1, 8000),
+       kind=st.sampled_from(["safetensors", "bin"]))
+def test_every_tensor_is_owned_once_and_the_load_is_balanced(layout, world_size, bucket_size, kind):
+    files = [file_of(f"file{i}", sizes, kind) for i, sizes in enumerate(layout)]
+    plan = make_plan(files, world_size, bucket_size)
+    owner = {f.name: f.owner for f in plan.files}
+    seen = [(s.key, b.owner) for b in plan.buckets for s in b.slots]
+    all_keys = sorted(k for f in files for k in f.tensors)
+    assert sorted(k for k, _ in seen) == all_keys  # every tensor exactly once
+    assert all(o == owner[k.split(".")[0]] for k, o in seen)  # by the owner of its file
+    for b in plan.buckets:
+        assert len(b.slots) == 1 or b.nbytes <= bucket_size
+        assert b.nbytes == b.slots[-1].offset + b.slots[-1].nbytes
+    loads = plan.bytes_per_rank()
+    total = sum(sum(sizes) for sizes in layout)
+    largest = max(sum(sizes) for sizes in layout)
+    assert sum(loads) == total
+    assert max(loads) <= total / world_size + largest
+    assert make_plan(files, world_size, bucket_size) == plan  # deterministic
