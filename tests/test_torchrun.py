@@ -1,0 +1,36 @@
+"""End to end: the launch examples under the real torchrun, as subprocesses with a timeout."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.multiprocess
+EXAMPLES = Path(__file__).resolve().parent.parent / "launch_examples"
+DEADLINE = 300
+
+
+def torchrun(script: str, nproc: int, *args: str) -> str:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc_per_node={nproc}", str(EXAMPLES / script), *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=DEADLINE, env=env)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr[-5000:]}"
+    return proc.stdout
+
+
+def test_demo_on_four_ranks_prints_the_report(checkpoints):
+    out = torchrun("demo.py", 4, "--checkpoint", checkpoints["llama"])
+    assert "across 4 rank(s)" in out
+    assert "on every rank: same" in out
+    rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
+    assert [int(r[0]) for r in rows] == [0, 1, 2, 3]
+
+
+def test_ddp_example_loads_and_trains_one_step(checkpoints):
+    out = torchrun("ddp.py", 2, "--checkpoint", checkpoints["gpt2"])
+    assert "one DDP step done" in out
