@@ -43,6 +43,20 @@ class Comm:
         if self.world_size > 1:
             dist.broadcast(tensor, group=self.group, group_src=src)
 
+    def scatter(self, out: torch.Tensor, chunks: list[torch.Tensor] | None, src: int) -> None:
+        """Group rank ``src`` sends ``chunks[r]`` to rank ``r``; every rank receives in ``out``."""
+        if self.world_size == 1:
+            out.copy_(chunks[0])
+        else:
+            dist.scatter(out, chunks if self.rank == src else None, group=self.group, group_src=src)
+
+    def all_gather_object(self, obj: object) -> list:
+        if self.world_size == 1:
+            return [obj]
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj, group=self.group)
+        return out
+
     def broadcast_object(self, obj: object, src: int = 0) -> object:
         if self.world_size == 1:
             return obj
@@ -64,10 +78,7 @@ class Comm:
             rows = [torch.empty_like(row) for _ in range(self.world_size)]
             dist.all_gather(rows, row, group=self.group)
         if any(int(r[0]) for r in rows):
-            failures = [failure]
-            if self.world_size > 1:
-                failures = [None] * self.world_size
-                dist.all_gather_object(failures, failure, group=self.group)
+            failures = self.all_gather_object(failure)
             raise DistShardError.from_failures([f for f in failures if f is not None])
         return [r[1:].tolist() for r in rows]
 

@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 from . import _faults
 from .comm import Comm, failure_of
+from .distribute import Exchange
 from .errors import DistShardError
 from .index import describe_file, find_checkpoint
 from .materialize import ModelTargets
@@ -154,32 +155,13 @@ def _allocate(targets: ModelTargets, plan: LoadPlan, comm: Comm,
 
 
 def _distribute(targets: ModelTargets, outcome: _Outcome, dests, comm: Comm) -> ShardReader:
-    """Walk the plan's buckets: the owner reads, everyone receives and unpacks.
-
-    A rank that fails stops reading and unpacking but keeps joining every broadcast, so the
-    collective sequence stays the plan's; the failure is raised at the agreement below.
-    """
+    """Read and distribute every bucket; every rank then agrees on the outcome."""
+    boxes = comm.all_gather_object(targets.boxes()) if targets.has_dtensors else None
     reader = ShardReader(outcome.root, outcome.plan)
-    staging = _Staging(comm.device)
-    failure = None
-    for bucket in outcome.plan.buckets:
-        direct = targets.direct_buffer(bucket, dests, comm.device)
-        buf = direct if direct is not None else staging.get(bucket.nbytes)
-        if bucket.owner == comm.rank and failure is None:
-            try:
-                _faults.check("read", comm.rank)
-                staging.read_into(reader, bucket, buf)
-            except Exception as e:
-                failure = failure_of(e, comm.rank, "read")
-        comm.broadcast(buf, bucket.owner)
-        if failure is None:
-            try:
-                _faults.check("distribute", comm.rank)
-                if direct is None:
-                    targets.unpack(bucket, buf, dests)
-            except Exception as e:
-                failure = failure_of(e, comm.rank, "distribute")
-    reader.close()
+    try:
+        failure = Exchange(comm, outcome.plan, reader, dests, boxes).run()
+    finally:
+        reader.close()
     comm.agree(failure, [])
     return reader
 
@@ -193,28 +175,3 @@ def _prepare_commit(targets: ModelTargets, outcome: _Outcome, comm: Comm, reader
     except Exception as e:
         failure = failure_of(e, comm.rank, "materialize")
     return comm.agree(failure, [reader.bytes_read, memory.peak_above_baseline])
-
-
-class _Staging:
-    """Reusable bucket buffers: one on the collective's device, and for a CUDA group one in
-    pinned host memory that the reader fills before the copy to the GPU."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self._buf = torch.empty(0, dtype=torch.uint8, device=device)
-        self._host = self._buf if device.type == "cpu" else torch.empty(0, dtype=torch.uint8)
-
-    def get(self, nbytes: int) -> torch.Tensor:
-        if self._buf.numel() < nbytes:
-            self._buf = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
-        return self._buf[:nbytes]
-
-    def read_into(self, reader: ShardReader, bucket, buf: torch.Tensor) -> None:
-        if buf.device.type == "cpu":
-            reader.read(bucket, buf)
-            return
-        if self._host.numel() < bucket.nbytes:
-            self._host = torch.empty(bucket.nbytes, dtype=torch.uint8, pin_memory=True)
-        host = self._host[:bucket.nbytes]
-        reader.read(bucket, host)
-        buf.copy_(host)

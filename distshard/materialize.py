@@ -10,9 +10,11 @@ import hashlib
 from dataclasses import dataclass, field
 
 import torch
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from .errors import DistShardError
-from .plan import Bucket, LoadPlan
+from .plan import Box, LoadPlan
 from .validate import TargetSpec
 
 __all__ = ["ModelTargets"]
@@ -20,12 +22,29 @@ __all__ = ["ModelTargets"]
 
 @dataclass(slots=True)
 class _Target:
-    """One tensor object of the model and every (module, attribute) that holds it."""
+    """One tensor object of the model and every (module, attribute) that holds it. ``box`` is
+    the part this rank keeps: all of a plain tensor, the local shard of a DTensor."""
 
     names: list[str]
     tensor: torch.Tensor
     is_param: bool
+    box: Box
     refs: list[tuple[torch.nn.Module, str]] = field(default_factory=list)
+
+    @property
+    def is_dtensor(self) -> bool:
+        return isinstance(self.tensor, DTensor)
+
+
+def _box_of(t: torch.Tensor) -> Box:
+    if isinstance(t, DTensor):
+        shape, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+        return tuple(offset), tuple(shape)
+    return (0,) * t.dim(), tuple(t.shape)
+
+
+def _is_meta(t: torch.Tensor) -> bool:
+    return t.device.type == "meta"
 
 
 class ModelTargets:
@@ -34,9 +53,10 @@ class ModelTargets:
 
     def __init__(self, model: torch.nn.Module, dtype: torch.dtype | None = None) -> None:
         tie = getattr(model, "tie_weights", None)
-        if callable(tie):
+        if callable(tie) and not any(isinstance(p, DTensor) for p in model.parameters()):
             # Hugging Face models re-tie here: construction under accelerate's
-            # init_empty_weights leaves tied parameters as separate meta tensors.
+            # init_empty_weights leaves tied parameters as separate meta tensors. A sharded
+            # model must be tied before fully_shard / parallelize_module, which see the ties.
             tie()
         self.dtype = dtype
         self._groups: dict[int, _Target] = {}
@@ -56,7 +76,9 @@ class ModelTargets:
 
     @staticmethod
     def _add(table, module, attr, full_name, tensor, is_param) -> None:
-        target = table.setdefault(id(tensor), _Target([], tensor, is_param))
+        target = table.get(id(tensor))
+        if target is None:
+            target = table[id(tensor)] = _Target([], tensor, is_param, _box_of(tensor))
         target.names.append(full_name)
         target.refs.append((module, attr))
 
@@ -72,46 +94,34 @@ class ModelTargets:
         text = "\n".join(sorted(f"{s.names}:{list(s.shape)}:{s.dtype}" for s in self.specs()))
         return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1
 
+    @property
+    def has_dtensors(self) -> bool:
+        return any(t.is_dtensor for t in self._groups.values())
+
+    def boxes(self) -> dict[str, Box]:
+        """This rank's box of every DTensor, under each of its names (plain tensors: whole)."""
+        return {n: t.box for t in self._groups.values() if t.is_dtensor for n in t.names}
+
     # --- loading --------------------------------------------------------------------------
 
     def allocate(self, plan: LoadPlan, device: torch.device) -> dict[str, torch.Tensor]:
-        """Fresh tensors for every key the plan loads: on ``device`` for meta tensors, beside
-        the current value for real ones."""
+        """Fresh tensors for every key the plan loads, of this rank's local shape: on
+        ``device`` for meta tensors, beside the current value for real ones."""
         dests = {}
         for bucket in plan.buckets:
             for slot in bucket.slots:
-                t = self.by_name[slot.key].tensor
-                where = device if t.is_meta else t.device
-                dests[slot.key] = torch.empty(t.shape, dtype=self.target_dtype(t), device=where)
+                target = self.by_name[slot.key]
+                t = target.tensor
+                local = t.to_local() if target.is_dtensor else t
+                where = device if _is_meta(t) else local.device
+                dests[slot.key] = torch.empty(target.box[1], dtype=self.target_dtype(t), device=where)
         return dests
-
-    @staticmethod
-    def direct_buffer(bucket: Bucket, dests: dict[str, torch.Tensor] | None,
-                      device: torch.device) -> torch.Tensor | None:
-        """The destination's own bytes, when a bucket is one tensor that needs no conversion:
-        it is then read or received in place, with no staging copy."""
-        if dests is None or len(bucket.slots) != 1:
-            return None
-        slot = bucket.slots[0]
-        dest = dests[slot.key]
-        if dest.dtype != slot.dtype or dest.device != device or dest.numel() == 0:
-            return None
-        return dest.reshape(-1).view(torch.uint8)
-
-    @staticmethod
-    def unpack(bucket: Bucket, buf: torch.Tensor, dests: dict[str, torch.Tensor]) -> None:
-        """Copy (and convert) each tensor of a received bucket into its destination."""
-        for slot in bucket.slots:
-            src = buf[slot.offset:slot.offset + slot.nbytes].view(slot.dtype).view(slot.shape)
-            dest = dests[slot.key]
-            if dest.data_ptr() != src.data_ptr() or dest.numel() == 0:
-                dest.copy_(src)
 
     def check_complete(self, loaded: set[str]) -> None:
         """Refuse to commit a model that would keep a tensor on meta."""
-        left = sorted(n for t in self._groups.values() if t.tensor.is_meta
+        left = sorted(n for t in self._groups.values() if _is_meta(t.tensor)
                       and not loaded.intersection(t.names) for n in t.names)
-        left += sorted(n for t in self._extra_buffers.values() if t.tensor.is_meta for n in t.names)
+        left += sorted(n for t in self._extra_buffers.values() if _is_meta(t.tensor) for n in t.names)
         if left:
             raise DistShardError(
                 f"{len(left)} tensor(s) would stay on the meta device: {', '.join(left)}. "
@@ -123,23 +133,30 @@ class ModelTargets:
 
     def commit(self, dests: dict[str, torch.Tensor], device: torch.device) -> None:
         """Swap the loaded values into the model. Meta tensors are replaced by new ones (every
-        tied name gets the same object); real ones keep their identity (``.data`` swap), so
-        optimizers and hooks that hold them stay valid. Buffers the checkpoint does not hold
-        move to ``device``."""
+        tied name gets the same object; a DTensor keeps its mesh, placements and global shape);
+        real ones keep their identity, so optimizers and hooks that hold them stay valid.
+        Buffers the checkpoint does not hold move to ``device``."""
         for target in self._groups.values():
             key = next((n for n in target.names if n in dests), None)
             if key is None:
                 continue
             value, old = dests[key], target.tensor
-            if not old.is_meta:
-                old.data = value
+            if not _is_meta(old):
+                if target.is_dtensor:  # FSDP2 keeps views of the local tensor: write into it
+                    with torch.no_grad():
+                        old.to_local().copy_(value)
+                else:
+                    old.data = value
                 continue
+            if target.is_dtensor:
+                value = DTensor.from_local(value, old.device_mesh, old.placements, run_check=False,
+                                           shape=old.shape, stride=old.stride())
             new = torch.nn.Parameter(value, requires_grad=old.requires_grad) if target.is_param else value
             for module, attr in target.refs:
                 (module._parameters if target.is_param else module._buffers)[attr] = new
             target.tensor = new
         for target in self._extra_buffers.values():
-            if target.tensor.device != device:
+            if not target.is_dtensor and target.tensor.device != device:
                 moved = target.tensor.to(device)
                 for module, attr in target.refs:
                     module._buffers[attr] = moved

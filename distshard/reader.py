@@ -111,10 +111,12 @@ class ShardReader:
     def _copy_from_state(self, bucket: Bucket, buf: torch.Tensor) -> None:
         for slot in bucket.slots:
             src = self._state.get(slot.key)
-            if src is None or src.dtype != slot.dtype or tuple(src.shape) != slot.shape:
+            if src is None or src.dtype != slot.dtype or tuple(src.shape[1:]) != slot.shape[1:]:
                 raise DistShardError(
                     f"file {bucket.file!r} no longer holds key {slot.key!r} as planned",
                     file=bucket.file, key=slot.key)
+            if slot.shape:
+                src = src[slot.row:slot.row + slot.shape[0]]
             dst = buf[slot.offset:slot.offset + slot.nbytes].view(slot.dtype).view(slot.shape)
             dst.copy_(src)
             self.bytes_read += slot.nbytes

@@ -1,0 +1,130 @@
+"""DTensor parameters: FSDP2, tensor parallel and a 2-D (dp, tp) mesh, on gloo ranks.
+
+Every rank must hold exactly its slice of the single-process reference, ``full_tensor()`` must
+give the reference, and a forward pass the reference output.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from checkpoints import CASES, empty_model, reference, sample_input
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+import distshard
+from distshard.testing import run_ranks
+
+pytestmark = pytest.mark.multiprocess
+DEADLINE = 400
+SMALL_BUCKET = 8192
+
+LLAMA_TP = {"self_attn.q_proj": ColwiseParallel(), "self_attn.k_proj": ColwiseParallel(),
+            "self_attn.v_proj": ColwiseParallel(), "self_attn.o_proj": RowwiseParallel(),
+            "mlp.gate_proj": ColwiseParallel(), "mlp.up_proj": ColwiseParallel(),
+            "mlp.down_proj": RowwiseParallel()}
+
+
+def blocks(model) -> list[torch.nn.Module]:
+    for path in ("model.layers", "transformer.h", "encoder.layer"):
+        obj = model
+        try:
+            for part in path.split("."):
+                obj = getattr(obj, part)
+        except AttributeError:
+            continue
+        return list(obj)
+    raise ValueError(f"no blocks in {type(model).__name__}")
+
+
+def shard_fsdp(model, mesh) -> None:
+    for block in blocks(model):
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
+def shard_tp(model, mesh) -> None:
+    for block in blocks(model):
+        parallelize_module(block, mesh, LLAMA_TP)
+
+
+def output(model) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(sample_input())
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+def check_sharded(model, ref, where: str, *, exact_output: bool) -> int:
+    """Return how many DTensor parameters were checked."""
+    want = dict(ref.named_parameters(remove_duplicate=False))
+    sharded = 0
+    for name, p in model.named_parameters(remove_duplicate=False):
+        assert p.device.type != "meta", f"{where}: {name} left on meta"
+        if isinstance(p, DTensor):
+            sharded += 1
+            shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+            box = tuple(slice(o, o + n) for o, n in zip(offset, shape))
+            assert torch.equal(p.to_local(), want[name][box]), f"{where}: local shard of {name}"
+            assert torch.equal(p.full_tensor(), want[name]), f"{where}: full_tensor of {name}"
+        else:
+            assert torch.equal(p, want[name]), f"{where}: {name}"
+    for name, b in ref.named_buffers():
+        assert torch.equal(dict(model.named_buffers())[name], b), f"{where}: buffer {name}"
+    got, expected = output(model), output(ref)
+    if exact_output:
+        assert torch.equal(got, expected), f"{where}: outputs differ"
+    else:  # tensor parallel reduces partial sums in another order
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5, msg=f"{where}: outputs")
+    return sharded
+
+
+def _fsdp2(rank: int, world_size: int, paths: dict[str, str]) -> dict:
+    mesh = init_device_mesh("cpu", (world_size,))
+    out = {}
+    for name in ("llama", "gpt2", "bert"):
+        model = empty_model(CASES[name][0])
+        model.tie_weights()  # ties must exist before sharding for FSDP to see them
+        shard_fsdp(model, mesh)
+        report = distshard.load(model, paths[name], bucket_size=SMALL_BUCKET)
+        if name == "gpt2":
+            assert model.lm_head.weight is model.transformer.wte.weight, "tie lost"
+        n = check_sharded(model, reference(name, paths[name]), f"{name} rank {rank}",
+                          exact_output=True)
+        out[name] = (n, report.bytes_read, report.total_bytes_read)
+    return out
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_fsdp2_ranks_receive_exactly_their_shards(checkpoints, world_size):
+    results = run_ranks(_fsdp2, world_size, checkpoints, timeout=DEADLINE)
+    for name in ("llama", "gpt2", "bert"):
+        assert results[0][name][0] > 0, f"{name}: no DTensor parameters were checked"
+        assert sum(r[name][1] for r in results) == results[0][name][2]
+
+
+def _tensor_parallel(rank: int, world_size: int, path: str) -> int:
+    mesh = init_device_mesh("cpu", (world_size,))
+    model = empty_model("llama")
+    shard_tp(model, mesh)  # embeddings and norms stay plain: a mixed model
+    distshard.load(model, path, bucket_size=SMALL_BUCKET)
+    return check_sharded(model, reference("llama", path), f"tp rank {rank}", exact_output=False)
+
+
+def test_tensor_parallel_llama_on_two_ranks(checkpoints):
+    assert all(n == 14 for n in run_ranks(_tensor_parallel, 2, checkpoints["llama"], timeout=DEADLINE))
+
+
+def _fsdp_tp(rank: int, world_size: int, path: str) -> int:
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    model = empty_model("llama")
+    shard_tp(model, mesh["tp"])
+    shard_fsdp(model, mesh["dp"])
+    distshard.load(model, path, bucket_size=SMALL_BUCKET)
+    return check_sharded(model, reference("llama", path), f"2-D rank {rank}", exact_output=False)
+
+
+def test_fsdp_by_tp_on_a_two_by_two_mesh(checkpoints):
+    assert all(n > 14 for n in run_ranks(_fsdp_tp, 4, checkpoints["llama"], timeout=DEADLINE))
