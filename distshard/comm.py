@@ -43,12 +43,15 @@ class Comm:
         if self.world_size > 1:
             dist.broadcast(tensor, group=self.group, group_src=src)
 
-    def scatter(self, out: torch.Tensor, chunks: list[torch.Tensor] | None, src: int) -> None:
-        """Group rank ``src`` sends ``chunks[r]`` to rank ``r``; every rank receives in ``out``."""
-        if self.world_size == 1:
-            out.copy_(chunks[0])
-        else:
-            dist.scatter(out, chunks if self.rank == src else None, group=self.group, group_src=src)
+    def exchange(self, sends: list[tuple[torch.Tensor, int]],
+                 recvs: list[tuple[torch.Tensor, int]]) -> None:
+        """Point-to-point: send each ``(tensor, group rank)`` of ``sends``, receive each of
+        ``recvs``, and wait for all. Only the ranks named take part."""
+        ops = [dist.P2POp(dist.isend, t, group=self.group, group_peer=r) for t, r in sends]
+        ops += [dist.P2POp(dist.irecv, t, group=self.group, group_peer=r) for t, r in recvs]
+        if ops:
+            for work in dist.batch_isend_irecv(ops):
+                work.wait()
 
     def all_gather_object(self, obj: object) -> list:
         if self.world_size == 1:

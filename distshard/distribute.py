@@ -27,67 +27,112 @@ class Exchange:
                  dests: dict[str, torch.Tensor] | None, boxes: list[dict[str, Box]] | None) -> None:
         self.comm, self.plan, self.reader, self.dests = comm, plan, reader, dests
         self.boxes = boxes or [{}] * comm.world_size  # per rank; empty: every tensor whole
-        self.staging = _Staging(comm.device)
+        self.buffers = _Buffers(comm.device)
         self.failure: RankFailure | None = None
+        self.bytes_received = 0  # from other ranks, through the collectives
 
     def run(self) -> RankFailure | None:
         for bucket in self.plan.buckets:
             layouts = [payload_layout(bucket, b) for b in self.boxes]
-            whole = all(p.box == p.slot.extent for pieces, _ in layouts for p in pieces)
-            if whole:
-                self._broadcast(bucket, layouts[self.comm.rank][0])
+            if all(p.box == p.slot.extent for pieces, _ in layouts for p in pieces):
+                self._broadcast(bucket)
             else:
-                self._scatter(bucket, layouts)
+                self._send_slices(bucket, layouts)
         return self.failure
 
-    def _broadcast(self, bucket: Bucket, pieces: tuple[Piece, ...]) -> None:
+    def _broadcast(self, bucket: Bucket) -> None:
         direct = self._direct_buffer(bucket)
-        buf = direct if direct is not None else self.staging.get(bucket.nbytes)
+        buf = direct if direct is not None else self.buffers.get("bucket", bucket.nbytes)
         self._read(bucket, buf)
         self.comm.broadcast(buf, bucket.owner)
+        if bucket.owner != self.comm.rank:
+            self.bytes_received += bucket.nbytes
         if direct is None:
-            self._unpack(pieces, buf)
+            self._unpack(bucket.slots, [s.extent for s in bucket.slots], buf, from_bucket=True)
 
-    def _scatter(self, bucket: Bucket, layouts: list[tuple[tuple[Piece, ...], int]]) -> None:
-        size = max(n for _, n in layouts)
-        chunks = None
-        if self.comm.rank == bucket.owner:
-            full = self.staging.get(bucket.nbytes)
+    def _send_slices(self, bucket: Bucket, layouts: list[tuple[tuple[Piece, ...], int]]) -> None:
+        """The owner sends each rank its pieces of the bucket point to point; ranks that need
+        nothing of it take no part. A rank's single piece that is contiguous (whole rows) goes
+        straight from the bucket, and lands straight in its destination; other payloads are
+        packed. A rank uses one bucket buffer whether it sends or receives, plus the packed
+        slices when it sends: at most two buckets of staging."""
+        me, owner = self.comm.rank, bucket.owner
+        mine = layouts[me][0]
+        if me == owner:
+            full = self.buffers.get("bucket", bucket.nbytes)
             self._read(bucket, full)
-            chunks = [torch.empty(size, dtype=torch.uint8, device=self.comm.device)
-                      for _ in layouts]
-            if self.failure is None:
-                try:
-                    for (pieces, _), chunk in zip(layouts, chunks):
-                        _pack(pieces, full, chunk)
-                except Exception as e:
-                    self.failure = failure_of(e, self.comm.rank, "distribute")
-        received = torch.empty(size, dtype=torch.uint8, device=self.comm.device)
-        self.comm.scatter(received, chunks, bucket.owner)
-        self._unpack(layouts[self.comm.rank][0], received)
+            peers = [r for r, (_, n) in enumerate(layouts) if r != me and n > 0]
+            sends, packed = [], []
+            for r in peers:
+                view = _single_contiguous(layouts[r][0], full)
+                if view is not None:
+                    sends.append((view, r))
+                else:
+                    packed.append(r)
+            area = self.buffers.get("slices", sum(layouts[r][1] for r in packed))
+            start = 0
+            for r in packed:
+                chunk = area[start:start + layouts[r][1]]
+                start += layouts[r][1]
+                self._guard("distribute", _pack, layouts[r][0], full, chunk)
+                sends.append((chunk, r))
+            self.comm.exchange(sends, [])
+            self._unpack([p.slot for p in mine], [p.box for p in mine], full, from_bucket=True)
+        elif layouts[me][1] > 0:
+            direct = self._direct_piece(mine)
+            received = direct if direct is not None else self.buffers.get("bucket", layouts[me][1])
+            self.comm.exchange([], [(received, owner)])
+            self.bytes_received += layouts[me][1]
+            if direct is None:
+                self._unpack([p.slot for p in mine], [p.box for p in mine], received,
+                             offsets=[p.offset for p in mine])
+
+    def _direct_piece(self, pieces: tuple[Piece, ...]) -> torch.Tensor | None:
+        """The destination's own bytes for a payload of one piece that needs no conversion
+        and is contiguous there (whole rows of a tensor or of a row-sharded local shard)."""
+        if self.dests is None or len(pieces) != 1:
+            return None
+        p = pieces[0]
+        dest = self.dests[p.slot.key]
+        if dest.dtype != p.slot.dtype or dest.device != self.comm.device:
+            return None
+        mine = self.boxes[self.comm.rank]
+        origin = mine[p.slot.key][0] if p.slot.key in mine else None
+        return _flat(dest[_region(p.box, origin)])
 
     def _read(self, bucket: Bucket, buf: torch.Tensor) -> None:
-        if bucket.owner != self.comm.rank or self.failure is not None:
-            return
-        try:
-            _faults.check("read", self.comm.rank)
-            self.staging.read_into(self.reader, bucket, buf)
-        except Exception as e:
-            self.failure = failure_of(e, self.comm.rank, "read")
+        if bucket.owner == self.comm.rank:
+            self._guard("read", self.buffers.read_into, self.reader, bucket, buf)
 
-    def _unpack(self, pieces: tuple[Piece, ...], buf: torch.Tensor) -> None:
-        """Copy (and convert) each received piece into its destination."""
+    def _unpack(self, slots, boxes, buf: torch.Tensor, *, from_bucket: bool = False,
+                offsets: list[int] | None = None) -> None:
+        """Copy (and convert) box ``boxes[i]`` of ``slots[i]`` into its destination; the data
+        sits in ``buf`` at the slot's place in the bucket (``from_bucket``) or packed at
+        ``offsets``."""
+        self._guard("distribute", self._unpack_now, slots, boxes, buf, from_bucket, offsets)
+
+    def _unpack_now(self, slots, boxes, buf, from_bucket, offsets) -> None:
+        mine = self.boxes[self.comm.rank]
+        for i, (slot, box) in enumerate(zip(slots, boxes)):
+            if from_bucket:
+                held = buf[slot.offset:slot.offset + slot.nbytes].view(slot.dtype).view(slot.shape)
+                src = held[_region(box, slot.extent[0])]
+            else:
+                nbytes = _numel(box[1]) * slot.dtype.itemsize
+                src = buf[offsets[i]:offsets[i] + nbytes].view(slot.dtype).view(box[1])
+            origin = mine[slot.key][0] if slot.key in mine else None
+            self.dests[slot.key][_region(box, origin)].copy_(src)
+
+    def _guard(self, phase: str, fn, *args) -> None:
+        """Run a local step unless this rank already failed; record its failure. Never raises,
+        so the collectives that follow still happen."""
         if self.failure is not None:
             return
         try:
-            _faults.check("distribute", self.comm.rank)
-            mine = self.boxes[self.comm.rank]
-            for p in pieces:
-                src = buf[p.offset:p.offset + p.nbytes].view(p.slot.dtype).view(p.box[1])
-                origin = mine[p.slot.key][0] if p.slot.key in mine else None
-                self.dests[p.slot.key][_region(p.box, origin)].copy_(src)
+            _faults.check(phase, self.comm.rank)
+            fn(*args)
         except Exception as e:
-            self.failure = failure_of(e, self.comm.rank, "distribute")
+            self.failure = failure_of(e, self.comm.rank, phase)
 
     def _direct_buffer(self, bucket: Bucket) -> torch.Tensor | None:
         """The destination's own bytes, when a bucket is one tensor that needs no conversion:
@@ -102,6 +147,19 @@ class Exchange:
         return rows.reshape(-1).view(torch.uint8)
 
 
+def _single_contiguous(pieces: tuple[Piece, ...], full: torch.Tensor) -> torch.Tensor | None:
+    """The bucket's own bytes for a payload of one piece that is contiguous in it."""
+    if len(pieces) != 1:
+        return None
+    slot, box = pieces[0].slot, pieces[0].box
+    held = full[slot.offset:slot.offset + slot.nbytes].view(slot.dtype).view(slot.shape)
+    return _flat(held[_region(box, slot.extent[0])])
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor | None:
+    return t.reshape(-1).view(torch.uint8) if t.is_contiguous() and t.numel() > 0 else None
+
+
 def _pack(pieces: tuple[Piece, ...], full: torch.Tensor, chunk: torch.Tensor) -> None:
     """Cut each piece's box out of the whole bucket ``full`` into ``chunk``."""
     for p in pieces:
@@ -111,32 +169,42 @@ def _pack(pieces: tuple[Piece, ...], full: torch.Tensor, chunk: torch.Tensor) ->
         chunk[p.offset:p.offset + p.nbytes].view(slot.dtype).view(p.box[1]).copy_(region)
 
 
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for size in shape:
+        n *= size
+    return n
+
+
 def _region(box: Box, origin: tuple[int, ...] | None) -> tuple[slice, ...]:
     """Index of ``box`` (whole-tensor coordinates) in a tensor that starts at ``origin``."""
     origin = origin or (0,) * len(box[0])
     return tuple(slice(o - z, o - z + n) for o, n, z in zip(box[0], box[1], origin))
 
 
-class _Staging:
-    """A reusable bucket buffer on the collective's device, and for a CUDA group one in pinned
-    host memory that the reader fills before the copy to the GPU."""
+class _Buffers:
+    """Named reusable byte buffers on the collective's device (the bucket being read, the slices
+    cut from it, what this rank receives), and for a CUDA group a pinned host buffer that the
+    reader fills before the copy to the GPU. They only grow, so that a load does not churn the
+    allocator: a freed buffer is not always returned to the system."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
-        self._buf = torch.empty(0, dtype=torch.uint8, device=device)
-        self._host = self._buf if device.type == "cpu" else torch.empty(0, dtype=torch.uint8)
+        self._named: dict[str, torch.Tensor] = {}
 
-    def get(self, nbytes: int) -> torch.Tensor:
-        if self._buf.numel() < nbytes:
-            self._buf = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
-        return self._buf[:nbytes]
+    def get(self, name: str, nbytes: int, device: torch.device | None = None) -> torch.Tensor:
+        buf = self._named.get(name)
+        if buf is None or buf.numel() < nbytes:
+            device = device or self.device
+            pin = device.type == "cpu" and self.device.type == "cuda"
+            self._named[name] = buf = torch.empty(nbytes, dtype=torch.uint8, device=device,
+                                                  pin_memory=pin)
+        return buf[:nbytes]
 
     def read_into(self, reader: ShardReader, bucket: Bucket, buf: torch.Tensor) -> None:
         if buf.device.type == "cpu":
             reader.read(bucket, buf)
             return
-        if self._host.numel() < bucket.nbytes:
-            self._host = torch.empty(bucket.nbytes, dtype=torch.uint8, pin_memory=True)
-        host = self._host[:bucket.nbytes]
+        host = self.get("host", bucket.nbytes, torch.device("cpu"))
         reader.read(bucket, host)
         buf.copy_(host)

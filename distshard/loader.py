@@ -92,8 +92,8 @@ def load(
         try:
             targets, outcome = _plan(model, checkpoint, comm, options)
             dests = _allocate(targets, outcome.plan, comm, target_device)
-            reader = _distribute(targets, outcome, dests, comm)
-            stats = _prepare_commit(targets, outcome, comm, reader, memory)
+            exchange = _distribute(targets, outcome, dests, comm)
+            stats = _prepare_commit(targets, outcome, comm, exchange, memory)
         except DistShardError:
             raise
         except Exception as e:  # a collective broke: a peer exited or the group timed out
@@ -104,8 +104,9 @@ def load(
     report = LoadReport(
         rank=comm.rank, world_size=comm.world_size, loaded_keys=list(outcome.loaded_keys),
         missing_keys=list(outcome.missing_keys), unexpected_keys=list(outcome.unexpected_keys),
-        files_read=reader.files_read, bytes_read=reader.bytes_read,
+        files_read=exchange.reader.files_read, bytes_read=exchange.reader.bytes_read,
         bytes_read_per_rank=[s[0] for s in stats], total_bytes_read=sum(s[0] for s in stats),
+        bytes_received=exchange.bytes_received, bytes_received_per_rank=[s[2] for s in stats],
         seconds=time.perf_counter() - started, peak_host_memory=memory.peak_above_baseline,
         peak_host_memory_per_rank=[s[1] for s in stats])
     if options.log_summary and comm.rank == 0:
@@ -154,19 +155,19 @@ def _allocate(targets: ModelTargets, plan: LoadPlan, comm: Comm,
     return dests
 
 
-def _distribute(targets: ModelTargets, outcome: _Outcome, dests, comm: Comm) -> ShardReader:
+def _distribute(targets: ModelTargets, outcome: _Outcome, dests, comm: Comm) -> Exchange:
     """Read and distribute every bucket; every rank then agrees on the outcome."""
     boxes = comm.all_gather_object(targets.boxes()) if targets.has_dtensors else None
-    reader = ShardReader(outcome.root, outcome.plan)
+    exchange = Exchange(comm, outcome.plan, ShardReader(outcome.root, outcome.plan), dests, boxes)
     try:
-        failure = Exchange(comm, outcome.plan, reader, dests, boxes).run()
+        failure = exchange.run()
     finally:
-        reader.close()
+        exchange.reader.close()
     comm.agree(failure, [])
-    return reader
+    return exchange
 
 
-def _prepare_commit(targets: ModelTargets, outcome: _Outcome, comm: Comm, reader: ShardReader,
+def _prepare_commit(targets: ModelTargets, outcome: _Outcome, comm: Comm, exchange: Exchange,
                     memory: PeakMemorySampler) -> list[list[int]]:
     failure = None
     try:
@@ -174,4 +175,5 @@ def _prepare_commit(targets: ModelTargets, outcome: _Outcome, comm: Comm, reader
         targets.check_complete(set(outcome.loaded_keys))
     except Exception as e:
         failure = failure_of(e, comm.rank, "materialize")
-    return comm.agree(failure, [reader.bytes_read, memory.peak_above_baseline])
+    return comm.agree(failure, [exchange.reader.bytes_read, memory.peak_above_baseline,
+                                exchange.bytes_received])

@@ -23,6 +23,8 @@ class LoadReport:
     bytes_read: int
     bytes_read_per_rank: list[int]
     total_bytes_read: int
+    bytes_received: int  # from other ranks: whole buckets when replicated, own slices when sharded
+    bytes_received_per_rank: list[int]
     seconds: float
     peak_host_memory: int
     peak_host_memory_per_rank: list[int] = field(default_factory=list)

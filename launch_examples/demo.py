@@ -9,31 +9,17 @@ rest by broadcast; the checksum line shows that every rank ended with the same w
 
 from __future__ import annotations
 
-import argparse
-import os
-
 import torch
 import torch.distributed as dist
-from accelerate import init_empty_weights
-from sample_checkpoint import SIZES, ensure_checkpoint
-from transformers import AutoConfig, AutoModelForCausalLM
+from common import meta_model, start
 
 import distshard
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", help="checkpoint folder or file (default: a sample)")
-    parser.add_argument("--size", choices=sorted(SIZES), default="small")
-    args = parser.parse_args()
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    _, ckpt = start(__doc__.splitlines()[0], default_size="small")
     rank, world = dist.get_rank(), dist.get_world_size()
-    ckpt = ensure_checkpoint(args.checkpoint, args.size)
-
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(ckpt))
+    model = meta_model(ckpt)
     report = distshard.load(model, ckpt, log_summary=False)
 
     with torch.no_grad():

@@ -45,6 +45,7 @@ def _load_every_case(rank: int, world_size: int, paths: dict[str, str]) -> dict:
         assert report.rank == rank and report.world_size == world_size
         assert not report.missing_keys and not report.unexpected_keys
         out[name] = dict(bytes_read=report.bytes_read, total=report.total_bytes_read,
+                         received=report.bytes_received,
                          per_rank=report.bytes_read_per_rank, files=report.files_read,
                          expected=unique_bytes(ref))
     return out
@@ -59,6 +60,8 @@ def test_every_format_loads_bitwise_on_every_rank(checkpoints, world_size):
         assert len(files) == len(set(files)), f"{name}: a file was read by two ranks: {files}"
         assert [r["bytes_read"] for r in per_rank] == per_rank[0]["per_rank"]
         assert per_rank[0]["total"] == per_rank[0]["expected"], f"{name}: read {per_rank[0]}"
+        for r in per_rank:  # replicated: everything a rank did not read reaches it by broadcast
+            assert r["received"] == r["total"] - r["bytes_read"]
 
 
 def _subgroup(rank: int, world_size: int, path: str):

@@ -91,9 +91,10 @@ def _fsdp2(rank: int, world_size: int, paths: dict[str, str]) -> dict:
         report = distshard.load(model, paths[name], bucket_size=SMALL_BUCKET)
         if name == "gpt2":
             assert model.lm_head.weight is model.transformer.wte.weight, "tie lost"
+        local = sum(p.to_local().nbytes for p in model.parameters())
         n = check_sharded(model, reference(name, paths[name]), f"{name} rank {rank}",
                           exact_output=True)
-        out[name] = (n, report.bytes_read, report.total_bytes_read)
+        out[name] = (n, report.bytes_read, report.total_bytes_read, report.bytes_received, local)
     return out
 
 
@@ -103,6 +104,9 @@ def test_fsdp2_ranks_receive_exactly_their_shards(checkpoints, world_size):
     for name in ("llama", "gpt2", "bert"):
         assert results[0][name][0] > 0, f"{name}: no DTensor parameters were checked"
         assert sum(r[name][1] for r in results) == results[0][name][2]
+        for n, read, total, received, local in (r[name] for r in results):
+            # a rank receives at most its own shards, never whole tensors it does not keep
+            assert 0 < received <= local < total
 
 
 def _tensor_parallel(rank: int, world_size: int, path: str) -> int:
