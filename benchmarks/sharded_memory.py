@@ -57,7 +57,7 @@ def main() -> int:
     ckpt = args.checkpoint
     if ckpt is None:
         ckpt = os.path.join(tempfile.gettempdir(), f"distshard-sample-llama-{args.size}")
-        if not os.path.exists(os.path.join(ckpt, "model.safetensors.index.json")):
+        if not os.path.exists(os.path.join(ckpt, "config.json")):
             print(f"writing a sample {args.size} checkpoint to {ckpt} ...", flush=True)
             write_sample(ckpt + ".partial", args.size, max_shard_size="200MB")
             os.replace(ckpt + ".partial", ckpt)

@@ -9,7 +9,7 @@ parameters would send them all again: ``init_sync=False`` skips it.
 from __future__ import annotations
 
 import torch.distributed as dist
-from common import meta_model, start, train_step
+from common import finish, meta_model, start, train_step
 from torch.nn.parallel import DistributedDataParallel
 
 import distshard
@@ -25,7 +25,7 @@ def main() -> None:
     if dist.get_rank() == 0:
         print(report.summary())
         print(f"one DDP step done, loss {loss:.4f}")
-    dist.destroy_process_group()
+    finish()
 
 
 if __name__ == "__main__":

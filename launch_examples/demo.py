@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from common import meta_model, start
+from common import finish, meta_model, start
 
 import distshard
 
@@ -35,7 +35,7 @@ def main() -> None:
         print(report.summary())
         same = all(torch.equal(s, sums[0]) for s in sums)
         print(f"parameter checksum {float(sums[0]):.6f} on every rank: {'same' if same else 'DIFFERENT'}")
-    dist.destroy_process_group()
+    finish()
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ each rank's local shard. No rank ever holds the full model.
 from __future__ import annotations
 
 import torch.distributed as dist
-from common import meta_model, start, train_step
+from common import finish, meta_model, start, train_step
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
@@ -31,7 +31,7 @@ def main() -> None:
               f"{sum(p.numel() for p in model.parameters()):,} parameters; "
               f"received {report.bytes_received:,} bytes")
         print(f"one FSDP2 step done, loss {loss:.4f}")
-    dist.destroy_process_group()
+    finish()
 
 
 if __name__ == "__main__":

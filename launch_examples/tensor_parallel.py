@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from common import meta_model, start
+from common import finish, meta_model, start
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
@@ -38,7 +38,7 @@ def main() -> None:
         print(report.summary())
         print(f"logits checksum {float(sums[0]):.6f} on every rank: "
               f"{'same' if all(torch.equal(s, sums[0]) for s in sums) else 'DIFFERENT'}")
-    dist.destroy_process_group()
+    finish()
 
 
 if __name__ == "__main__":

@@ -31,6 +31,12 @@ def test_demo_on_four_ranks_prints_the_report(checkpoints):
     assert [int(r[0]) for r in rows] == [0, 1, 2, 3]
 
 
-def test_ddp_example_loads_and_trains_one_step(checkpoints):
-    out = torchrun("ddp.py", 2, "--checkpoint", checkpoints["gpt2"])
-    assert "one DDP step done" in out
+@pytest.mark.parametrize("script,case,expect", [
+    ("ddp.py", "gpt2", "one DDP step done"),
+    ("fsdp1.py", "llama", "one FSDP1 step done"),
+    ("fsdp2.py", "llama", "one FSDP2 step done"),
+    ("tensor_parallel.py", "llama", "on every rank: same"),
+])
+def test_launch_example_runs_under_torchrun(checkpoints, script, case, expect):
+    out = torchrun(script, 2, "--checkpoint", checkpoints[case])
+    assert expect in out, out
