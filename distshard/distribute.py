@@ -24,8 +24,10 @@ __all__ = ["Exchange"]
 
 class Exchange:
     def __init__(self, comm: Comm, plan: LoadPlan, reader: ShardReader,
-                 dests: dict[str, torch.Tensor] | None, boxes: list[dict[str, Box]] | None) -> None:
+                 dests: dict[str, torch.Tensor] | None, boxes: list[dict[str, Box]] | None,
+                 *, read_own_slices: bool = True) -> None:
         self.comm, self.plan, self.reader, self.dests = comm, plan, reader, dests
+        self.read_own_slices = read_own_slices
         self.boxes = boxes or [{}] * comm.world_size  # per rank; empty: every tensor whole
         self.buffers = _Buffers(comm.device)
         self.failure: RankFailure | None = None
@@ -36,6 +38,8 @@ class Exchange:
             layouts = [payload_layout(bucket, b) for b in self.boxes]
             if all(p.box == p.slot.extent for pieces, _ in layouts for p in pieces):
                 self._broadcast(bucket)
+            elif self._each_reads_own(bucket, layouts):
+                self._guard("read", self._read_own, bucket.file, layouts[self.comm.rank][0])
             else:
                 self._send_slices(bucket, layouts)
         return self.failure
@@ -86,6 +90,33 @@ class Exchange:
             if direct is None:
                 self._unpack([p.slot for p in mine], [p.box for p in mine], received,
                              offsets=[p.offset for p in mine])
+
+    def _each_reads_own(self, bucket: Bucket, layouts) -> bool:
+        """Whether every rank can read its own pieces straight from the file: a safetensors
+        bucket cut into whole rows, each byte wanted by exactly one rank. Then nothing crosses
+        the network and storage still serves each byte once."""
+        if not self.read_own_slices or self.plan.file(bucket.file).kind != "safetensors":
+            return False
+        pieces = [p for ps, _ in layouts for p in ps]
+        return (all(p.box[1][1:] == p.slot.shape[1:] for p in pieces)
+                and sum(p.nbytes for p in pieces) == sum(s.nbytes for s in bucket.slots))
+
+    def _read_own(self, file: str, pieces: tuple[Piece, ...]) -> None:
+        mine = self.boxes[self.comm.rank]
+        for p in pieces:
+            if p.nbytes == 0:
+                continue
+            slot = p.slot
+            row_bytes = slot.nbytes // slot.shape[0] if slot.shape else 0
+            begin = slot.begin + (p.box[0][0] - slot.row) * row_bytes if slot.shape else slot.begin
+            origin = mine[slot.key][0] if slot.key in mine else None
+            dest = self.dests[slot.key][_region(p.box, origin)]
+            if dest.dtype == slot.dtype and dest.device.type == "cpu" and dest.is_contiguous():
+                self.reader.read_range(file, slot.key, begin, dest)
+                continue
+            tmp = self.buffers.get("host", p.nbytes, torch.device("cpu"))
+            self.reader.read_range(file, slot.key, begin, tmp)
+            dest.copy_(tmp.view(slot.dtype).view(p.box[1]))
 
     def _direct_piece(self, pieces: tuple[Piece, ...]) -> torch.Tensor | None:
         """The destination's own bytes for a payload of one piece that needs no conversion

@@ -38,6 +38,7 @@ class LoadOptions:
     dtype: torch.dtype | None = None
     strict: bool = True
     bucket_size: int = DEFAULT_BUCKET_SIZE
+    read_own_slices: bool = True
     log_summary: bool = True
 
     def __post_init__(self) -> None:
@@ -72,6 +73,7 @@ def load(
     dtype: torch.dtype | None = None,
     strict: bool = True,
     bucket_size: int = DEFAULT_BUCKET_SIZE,
+    read_own_slices: bool = True,
     log_summary: bool = True,
 ) -> LoadReport:
     """Load ``checkpoint`` into ``model`` on every rank of ``group``; each file is read by one rank.
@@ -80,11 +82,13 @@ def load(
     calls it with the same arguments, and no other collective may run on ``group`` meanwhile.
     ``model`` may have parameters on meta (they land on ``device``: default the CPU for gloo,
     the current CUDA device for nccl) or on a real device (loaded in place). Floating tensors
-    take the model's dtype, or ``dtype`` when given. Any failure on any rank raises the same
+    take the model's dtype, or ``dtype`` when given. DTensor parameters receive only their
+    local shard: with ``read_own_slices``, a rank reads shards made of whole rows straight from
+    the file; otherwise, and for other shards, the rank that read the file sends them. Any failure on any rank raises the same
     :class:`DistShardError` on every rank, and the model is then left unchanged.
     """
     options = LoadOptions(device=device, dtype=dtype, strict=strict, bucket_size=bucket_size,
-                          log_summary=log_summary)
+                          read_own_slices=read_own_slices, log_summary=log_summary)
     comm = Comm(group)
     target_device = options.device or comm.device
     started = time.perf_counter()
@@ -92,7 +96,7 @@ def load(
         try:
             targets, outcome = _plan(model, checkpoint, comm, options)
             dests = _allocate(targets, outcome.plan, comm, target_device)
-            exchange = _distribute(targets, outcome, dests, comm)
+            exchange = _distribute(targets, outcome, dests, comm, options)
             stats = _prepare_commit(targets, outcome, comm, exchange, memory)
         except DistShardError:
             raise
@@ -155,10 +159,12 @@ def _allocate(targets: ModelTargets, plan: LoadPlan, comm: Comm,
     return dests
 
 
-def _distribute(targets: ModelTargets, outcome: _Outcome, dests, comm: Comm) -> Exchange:
+def _distribute(targets: ModelTargets, outcome: _Outcome, dests, comm: Comm,
+                options: LoadOptions) -> Exchange:
     """Read and distribute every bucket; every rank then agrees on the outcome."""
     boxes = comm.all_gather_object(targets.boxes()) if targets.has_dtensors else None
-    exchange = Exchange(comm, outcome.plan, ShardReader(outcome.root, outcome.plan), dests, boxes)
+    exchange = Exchange(comm, outcome.plan, ShardReader(outcome.root, outcome.plan), dests, boxes,
+                        read_own_slices=options.read_own_slices)
     try:
         failure = exchange.run()
     finally:

@@ -7,6 +7,7 @@ adjacent in the file become one vectored read); ``.bin`` files go through
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -22,8 +23,8 @@ _MAX_IOV = 1024
 
 
 class ShardReader:
-    """Reads the buckets one rank owns. Keeps one file open at a time (buckets of one file are
-    consecutive in each owner's sequence)."""
+    """Reads the buckets one rank owns, and the byte ranges of its own slices. Keeps one file
+    open at a time (buckets of one file are consecutive in each owner's sequence)."""
 
     def __init__(self, root: str, plan: LoadPlan) -> None:
         self.root = root
@@ -36,17 +37,29 @@ class ShardReader:
 
     def read(self, bucket: Bucket, buf: torch.Tensor) -> None:
         """Fill ``buf`` (CPU, uint8, at least ``bucket.nbytes``) with the bucket's tensors."""
-        try:
+        with self._naming(bucket.file, bucket.slots[0].key):
             self._open(self.plan.file(bucket.file))
             if self._state is not None:
                 self._copy_from_state(bucket, buf)
             else:
                 self._preadv(bucket, buf)
+
+    def read_range(self, file: str, key: str, begin: int, out: torch.Tensor) -> None:
+        """Fill contiguous CPU tensor ``out`` with its size in bytes from byte ``begin`` of
+        safetensors file ``file`` (one rank reading its own slice of tensor ``key``)."""
+        with self._naming(file, key):
+            self._open(self.plan.file(file))
+            self._read_exact(begin, [memoryview(out.reshape(-1).view(torch.uint8).numpy())], file, key)
+
+    @contextlib.contextmanager
+    def _naming(self, file: str, key: str):
+        try:
+            yield
         except DistShardError:
             raise
         except Exception as e:  # OSError and friends: say which file and tensor
-            raise DistShardError(f"reading file {bucket.file!r} failed: {type(e).__name__}: {e}",
-                                 file=bucket.file, key=bucket.slots[0].key) from e
+            raise DistShardError(f"reading file {file!r} failed: {type(e).__name__}: {e}",
+                                 file=file, key=key) from e
 
     def close(self) -> None:
         if self._fd is not None:
@@ -67,7 +80,8 @@ class ShardReader:
                 f"mtime {f.mtime_ns} -> {st.st_mtime_ns}); do not rewrite a checkpoint while it "
                 f"is being loaded", file=f.name)
         self._fd, self._name = fd, f.name
-        self.files_read.append(f.name)
+        if f.name not in self.files_read:
+            self.files_read.append(f.name)
         if f.kind == "bin":
             self._state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
 
@@ -85,9 +99,9 @@ class ShardReader:
                 runs.append((slot.begin, [view]))
             end = slot.begin + slot.nbytes
         for begin, views in runs:
-            self._read_exact(begin, views, bucket)
+            self._read_exact(begin, views, bucket.file, bucket.slots[0].key)
 
-    def _read_exact(self, begin: int, views: list[memoryview], bucket: Bucket) -> None:
+    def _read_exact(self, begin: int, views: list[memoryview], file: str, key: str) -> None:
         want = sum(len(v) for v in views)
         done = os.preadv(self._fd, views, begin)
         while done < want:  # short read: finish the run view by view
@@ -103,8 +117,8 @@ class ShardReader:
             n = os.preadv(self._fd, views, begin + done)
             if n == 0:
                 raise DistShardError(
-                    f"file {bucket.file!r} ended early: wanted {want} bytes at offset {begin}, "
-                    f"got {done}", file=bucket.file, key=bucket.slots[0].key)
+                    f"file {file!r} ended early: wanted {want} bytes at offset {begin}, "
+                    f"got {done}", file=file, key=key)
             done += n
         self.bytes_read += want
 

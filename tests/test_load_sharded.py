@@ -84,29 +84,31 @@ def check_sharded(model, ref, where: str, *, exact_output: bool) -> int:
 def _fsdp2(rank: int, world_size: int, paths: dict[str, str]) -> dict:
     mesh = init_device_mesh("cpu", (world_size,))
     out = {}
-    for name in ("llama", "gpt2", "bert"):
+    for name, own in [(n, own) for n in ("llama", "gpt2", "bert") for own in (True, False)]:
         model = empty_model(CASES[name][0])
         model.tie_weights()  # ties must exist before sharding for FSDP to see them
         shard_fsdp(model, mesh)
-        report = distshard.load(model, paths[name], bucket_size=SMALL_BUCKET)
+        report = distshard.load(model, paths[name], bucket_size=SMALL_BUCKET, read_own_slices=own)
         if name == "gpt2":
             assert model.lm_head.weight is model.transformer.wte.weight, "tie lost"
         local = sum(p.to_local().nbytes for p in model.parameters())
         n = check_sharded(model, reference(name, paths[name]), f"{name} rank {rank}",
                           exact_output=True)
-        out[name] = (n, report.bytes_read, report.total_bytes_read, report.bytes_received, local)
+        out[name, own] = (n, report.bytes_read, report.total_bytes_read, report.bytes_received, local)
     return out
 
 
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_fsdp2_ranks_receive_exactly_their_shards(checkpoints, world_size):
     results = run_ranks(_fsdp2, world_size, checkpoints, timeout=DEADLINE)
-    for name in ("llama", "gpt2", "bert"):
-        assert results[0][name][0] > 0, f"{name}: no DTensor parameters were checked"
-        assert sum(r[name][1] for r in results) == results[0][name][2]
-        for n, read, total, received, local in (r[name] for r in results):
-            # a rank receives at most its own shards, never whole tensors it does not keep
-            assert 0 < received <= local < total
+    for case in results[0]:
+        assert results[0][case][0] > 0, f"{case}: no DTensor parameters were checked"
+        assert sum(r[case][1] for r in results) == results[0][case][2]  # each byte read once
+        for n, read, total, received, local in (r[case] for r in results):
+            if case[1]:  # each rank read exactly its own shards; nothing crossed the network
+                assert (read, received) == (local, 0), case
+            else:  # sent by the reader: a rank receives at most its own shards
+                assert 0 < received <= local < total, case
 
 
 def _tensor_parallel(rank: int, world_size: int, path: str) -> int:
