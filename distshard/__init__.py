@@ -4,8 +4,16 @@ file read by one rank and the tensors sent to the ranks that need them."""
 from __future__ import annotations
 
 from .errors import DistShardError, RankFailure
-from .loader import DEFAULT_BUCKET_SIZE, LoadOptions, load
+from .loader import DEFAULT_BUCKET_SIZE, DEFAULT_TIMEOUT, LoadOptions, load
 from .report import LoadReport
 
-__all__ = ["DEFAULT_BUCKET_SIZE", "DistShardError", "LoadOptions", "LoadReport", "RankFailure", "load"]
+__all__ = [
+    "DEFAULT_BUCKET_SIZE",
+    "DEFAULT_TIMEOUT",
+    "DistShardError",
+    "LoadOptions",
+    "LoadReport",
+    "RankFailure",
+    "load",
+]
 __version__ = "0.1.0"

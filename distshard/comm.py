@@ -8,7 +8,9 @@ That is what keeps one rank's error from leaving the others waiting forever.
 
 from __future__ import annotations
 
+import pickle
 import traceback
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -19,13 +21,19 @@ __all__ = ["Comm", "failure_of"]
 
 
 class Comm:
-    """A process group (or a single process when torch.distributed is not initialised)."""
+    """A process group (or a single process when torch.distributed is not initialised).
 
-    def __init__(self, group: dist.ProcessGroup | None = None) -> None:
+    Every operation waits at most ``timeout`` for the other ranks (gloo; on nccl the group's own
+    watchdog applies): a rank that died or stalls becomes an error on the others rather than a
+    wait of the job's own timeout (30 minutes by default). Objects travel as pickled bytes over
+    the same bounded operations.
+    """
+
+    def __init__(self, group: dist.ProcessGroup | None = None, timeout: timedelta | None = None) -> None:
         self.distributed = dist.is_available() and dist.is_initialized()
         if group is not None and not self.distributed:
             raise ValueError("group= was given but torch.distributed is not initialised")
-        self.group = group
+        self.group, self.timeout = group, timeout
         if not self.distributed:
             self.rank, self.world_size, self.backend = 0, 1, None
             self.device = torch.device("cpu")
@@ -38,10 +46,17 @@ class Comm:
         self.backend = str(dist.get_backend(group))
         self.device = _backend_device(self.backend)
 
+    def _wait(self, *works) -> None:
+        for work in works:
+            if self.timeout is None:
+                work.wait()
+            else:
+                work.wait(self.timeout)
+
     def broadcast(self, tensor: torch.Tensor, src: int) -> None:
         """Broadcast ``tensor`` in place from group rank ``src``."""
         if self.world_size > 1:
-            dist.broadcast(tensor, group=self.group, group_src=src)
+            self._wait(dist.broadcast(tensor, group=self.group, group_src=src, async_op=True))
 
     def exchange(self, sends: list[tuple[torch.Tensor, int]],
                  recvs: list[tuple[torch.Tensor, int]]) -> None:
@@ -50,22 +65,38 @@ class Comm:
         ops = [dist.P2POp(dist.isend, t, group=self.group, group_peer=r) for t, r in sends]
         ops += [dist.P2POp(dist.irecv, t, group=self.group, group_peer=r) for t, r in recvs]
         if ops:
-            for work in dist.batch_isend_irecv(ops):
-                work.wait()
+            self._wait(*dist.batch_isend_irecv(ops))
+
+    def all_gather(self, row: torch.Tensor) -> list[torch.Tensor]:
+        if self.world_size == 1:
+            return [row]
+        rows = [torch.empty_like(row) for _ in range(self.world_size)]
+        self._wait(dist.all_gather(rows, row, group=self.group, async_op=True))
+        return rows
 
     def all_gather_object(self, obj: object) -> list:
         if self.world_size == 1:
             return [obj]
-        out = [None] * self.world_size
-        dist.all_gather_object(out, obj, group=self.group)
-        return out
+        data = self._to_bytes(obj)
+        sizes = [int(n) for n in self.all_gather(torch.tensor([data.numel()], device=self.device))]
+        padded = torch.zeros(max(sizes), dtype=torch.uint8, device=self.device)
+        padded[:data.numel()] = data
+        rows = self.all_gather(padded)
+        return [pickle.loads(r[:n].cpu().numpy().tobytes()) for r, n in zip(rows, sizes)]
 
     def broadcast_object(self, obj: object, src: int = 0) -> object:
         if self.world_size == 1:
             return obj
-        box = [obj]
-        dist.broadcast_object_list(box, group=self.group, group_src=src, device=self.device)
-        return box[0]
+        data = self._to_bytes(obj) if self.rank == src else None
+        size = torch.tensor([0 if data is None else data.numel()], device=self.device)
+        self.broadcast(size, src)
+        if data is None:
+            data = torch.empty(int(size), dtype=torch.uint8, device=self.device)
+        self.broadcast(data, src)
+        return obj if self.rank == src else pickle.loads(data.cpu().numpy().tobytes())
+
+    def _to_bytes(self, obj: object) -> torch.Tensor:
+        return torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8).to(self.device)
 
     def agree(self, failure: RankFailure | None, stats: list[int]) -> list[list[int]]:
         """Exchange each rank's failure flag and integer ``stats``; return every rank's stats.
@@ -75,11 +106,7 @@ class Comm:
         rank failed.
         """
         row = torch.tensor([int(failure is not None), *stats], dtype=torch.int64, device=self.device)
-        if self.world_size == 1:
-            rows = [row]
-        else:
-            rows = [torch.empty_like(row) for _ in range(self.world_size)]
-            dist.all_gather(rows, row, group=self.group)
+        rows = self.all_gather(row)
         if any(int(r[0]) for r in rows):
             failures = self.all_gather_object(failure)
             raise DistShardError.from_failures([f for f in failures if f is not None])

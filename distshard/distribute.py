@@ -15,7 +15,7 @@ import torch
 
 from . import _faults
 from .comm import Comm, failure_of
-from .errors import RankFailure
+from .errors import DistShardError, RankFailure
 from .plan import Box, Bucket, LoadPlan, Piece, payload_layout
 from .reader import ShardReader
 
@@ -32,6 +32,7 @@ class Exchange:
         self.buffers = _Buffers(comm.device)
         self.failure: RankFailure | None = None
         self.bytes_received = 0  # from other ranks, through the collectives
+        self._filled: dict[str, int] = {}  # elements written into each destination
 
     def run(self) -> RankFailure | None:
         for bucket in self.plan.buckets:
@@ -42,7 +43,20 @@ class Exchange:
                 self._guard("read", self._read_own, bucket.file, layouts[self.comm.rank][0])
             else:
                 self._send_slices(bucket, layouts)
+        self._guard("distribute", self._check_filled)
         return self.failure
+
+    def _fill(self, key: str, box) -> None:
+        self._filled[key] = self._filled.get(key, 0) + _numel(box[1])
+
+    def _check_filled(self) -> None:
+        """Every element of every destination was written exactly once: a plan that missed a
+        row would otherwise hand back uninitialised memory."""
+        for key, dest in (self.dests or {}).items():
+            if self._filled.get(key, 0) != dest.numel():
+                raise DistShardError(
+                    f"internal error: {self._filled.get(key, 0)} of {dest.numel()} elements of "
+                    f"{key!r} arrived; please report this", key=key)
 
     def _broadcast(self, bucket: Bucket) -> None:
         direct = self._direct_buffer(bucket)
@@ -53,6 +67,8 @@ class Exchange:
             self.bytes_received += bucket.nbytes
         if direct is None:
             self._unpack(bucket.slots, [s.extent for s in bucket.slots], buf, from_bucket=True)
+        elif self.failure is None:
+            self._fill(bucket.slots[0].key, bucket.slots[0].extent)
 
     def _send_slices(self, bucket: Bucket, layouts: list[tuple[tuple[Piece, ...], int]]) -> None:
         """The owner sends each rank its pieces of the bucket point to point; ranks that need
@@ -90,6 +106,8 @@ class Exchange:
             if direct is None:
                 self._unpack([p.slot for p in mine], [p.box for p in mine], received,
                              offsets=[p.offset for p in mine])
+            elif self.failure is None:
+                self._fill(mine[0].slot.key, mine[0].box)
 
     def _each_reads_own(self, bucket: Bucket, layouts) -> bool:
         """Whether every rank can read its own pieces straight from the file: a safetensors
@@ -113,10 +131,11 @@ class Exchange:
             dest = self.dests[slot.key][_region(p.box, origin)]
             if dest.dtype == slot.dtype and dest.device.type == "cpu" and dest.is_contiguous():
                 self.reader.read_range(file, slot.key, begin, dest)
-                continue
-            tmp = self.buffers.get("host", p.nbytes, torch.device("cpu"))
-            self.reader.read_range(file, slot.key, begin, tmp)
-            dest.copy_(tmp.view(slot.dtype).view(p.box[1]))
+            else:
+                tmp = self.buffers.get("host", p.nbytes, torch.device("cpu"))
+                self.reader.read_range(file, slot.key, begin, tmp)
+                dest.copy_(tmp.view(slot.dtype).view(p.box[1]))
+            self._fill(slot.key, p.box)
 
     def _direct_piece(self, pieces: tuple[Piece, ...]) -> torch.Tensor | None:
         """The destination's own bytes for a payload of one piece that needs no conversion
@@ -153,6 +172,7 @@ class Exchange:
                 src = buf[offsets[i]:offsets[i] + nbytes].view(slot.dtype).view(box[1])
             origin = mine[slot.key][0] if slot.key in mine else None
             self.dests[slot.key][_region(box, origin)].copy_(src)
+            self._fill(slot.key, box)
 
     def _guard(self, phase: str, fn, *args) -> None:
         """Run a local step unless this rank already failed; record its failure. Never raises,

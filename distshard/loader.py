@@ -8,6 +8,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -30,6 +31,10 @@ logger = logging.getLogger("distshard")
 # Large enough that per-collective latency is amortised, small enough to stay a footnote
 # next to the model itself.
 DEFAULT_BUCKET_SIZE = 64 * 2**20
+# How long a rank waits for another in one step. The longest wait of a healthy load is rank 0
+# reading every header, or the slowest rank reading its whole share of row shards (17.5 GB of a
+# 70B model at 100 MB/s is 3 minutes): ten minutes leaves room.
+DEFAULT_TIMEOUT = timedelta(minutes=10)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -39,9 +44,14 @@ class LoadOptions:
     strict: bool = True
     bucket_size: int = DEFAULT_BUCKET_SIZE
     read_own_slices: bool = True
+    timeout: timedelta = DEFAULT_TIMEOUT
     log_summary: bool = True
 
     def __post_init__(self) -> None:
+        if isinstance(self.timeout, (int, float)):
+            self.timeout = timedelta(seconds=self.timeout)
+        if not isinstance(self.timeout, timedelta) or self.timeout.total_seconds() <= 0:
+            raise ValueError(f"timeout must be a positive timedelta or seconds, got {self.timeout!r}")
         if not isinstance(self.bucket_size, int) or self.bucket_size < 1:
             raise ValueError(f"bucket_size must be a positive number of bytes, got {self.bucket_size!r}")
         if self.dtype is not None and not (isinstance(self.dtype, torch.dtype)
@@ -74,6 +84,7 @@ def load(
     strict: bool = True,
     bucket_size: int = DEFAULT_BUCKET_SIZE,
     read_own_slices: bool = True,
+    timeout: timedelta | float = DEFAULT_TIMEOUT,
     log_summary: bool = True,
 ) -> LoadReport:
     """Load ``checkpoint`` into ``model`` on every rank of ``group``; each file is read by one rank.
@@ -85,11 +96,14 @@ def load(
     take the model's dtype, or ``dtype`` when given. DTensor parameters receive only their
     local shard: with ``read_own_slices``, a rank reads shards made of whole rows straight from
     the file; otherwise, and for other shards, the rank that read the file sends them. Any failure on any rank raises the same
-    :class:`DistShardError` on every rank, and the model is then left unchanged.
+    :class:`DistShardError` on every rank, and the model is then left unchanged; a rank that
+    dies or stalls makes the others raise once ``timeout`` passes without its answer (gloo; on
+    nccl the group's own timeout applies).
     """
     options = LoadOptions(device=device, dtype=dtype, strict=strict, bucket_size=bucket_size,
-                          read_own_slices=read_own_slices, log_summary=log_summary)
-    comm = Comm(group)
+                          read_own_slices=read_own_slices, timeout=timeout,
+                          log_summary=log_summary)
+    comm = Comm(group, options.timeout)
     target_device = options.device or comm.device
     started = time.perf_counter()
     with PeakMemorySampler() as memory:
@@ -103,7 +117,8 @@ def load(
         except Exception as e:  # a collective broke: a peer exited or the group timed out
             raise DistShardError(
                 f"distshard: a collective failed on rank {comm.rank} ({type(e).__name__}: {e}); "
-                "another rank probably exited or timed out; see its log") from e
+                f"another rank exited or did not answer within timeout={options.timeout}; "
+                "see its log") from e
         targets.commit(dests, target_device)
     report = LoadReport(
         rank=comm.rank, world_size=comm.world_size, loaded_keys=list(outcome.loaded_keys),

@@ -32,11 +32,13 @@ __all__ = ["RanksFailed", "run_ranks"]
 
 
 class RanksFailed(AssertionError):
-    """One or more ranks raised, exited, or missed the deadline. ``errors`` maps rank -> text."""
+    """One or more ranks raised, exited, or missed the deadline. ``errors`` maps rank -> text;
+    ``results`` maps the other ranks to what they returned."""
 
-    def __init__(self, message: str, errors: dict[int, str]) -> None:
+    def __init__(self, message: str, errors: dict[int, str], results: dict[int, Any]) -> None:
         super().__init__(message)
         self.errors = errors
+        self.results = results
 
 
 def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 120.0,
@@ -81,7 +83,8 @@ def _collect(ctx, results, world_size: int, timeout: float) -> list[Any]:
     errors = {rank: value for rank, (ok, value) in sorted(done.items()) if not ok}
     if errors:
         text = "\n".join(f"--- rank {rank} ---\n{msg}" for rank, msg in errors.items())
-        raise RanksFailed(f"{len(errors)} of {world_size} rank(s) failed:\n{text}", errors)
+        results = {rank: value for rank, (ok, value) in sorted(done.items()) if ok}
+        raise RanksFailed(f"{len(errors)} of {world_size} rank(s) failed:\n{text}", errors, results)
     return [done[rank][1] for rank in range(world_size)]
 
 

@@ -1,0 +1,138 @@
+"""Bad checkpoints and rank faults: every rank raises the same clear DistShardError in time,
+and no model is left changed; valid edge cases load exactly. Each case runs on 1 and 3 ranks."""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+
+import pytest
+import torch
+from corpus import CASES, SpecModel, make_state
+
+import distshard
+from distshard import DistShardError, _faults
+from distshard.testing import RanksFailed, run_ranks
+
+DEADLINE = 300
+
+
+def slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def write_corpus(root) -> str:
+    for name, case in CASES.items():
+        case.write(os.path.join(root, slug(name)))
+    return str(root)
+
+
+def run_case(name: str, root: str, rank: int) -> dict:
+    """Load case ``name`` into a real model filled with a sentinel; report what happened."""
+    case = CASES[name]
+    path = os.path.join(root, slug(name))
+    model = SpecModel(case.spec, device="cpu")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    if case.after_plan is not None:
+        _faults.FAULT = lambda phase, r: case.after_plan(path) if (phase, r) == ("plan", 0) else None
+    started = time.monotonic()
+    try:
+        distshard.load(model, path, strict=case.strict, bucket_size=64, timeout=60, log_summary=False)
+        error = None
+    except DistShardError as e:
+        error = str(e)
+    finally:
+        _faults.FAULT = None
+    seconds = time.monotonic() - started
+    after = model.state_dict()
+    if error is not None:
+        return dict(error=error, seconds=seconds,
+                    unchanged=all(torch.equal(after[k], v) for k, v in before.items()),
+                    code_ran=os.path.exists(os.path.join(path, "pwned")))
+    want = case.state if case.state is not None else make_state(case.spec)
+    exact = sorted(after) == sorted(want) and all(
+        after[k].dtype == before[k].dtype and torch.equal(after[k], want[k].to(before[k].dtype))
+        for k in want)
+    return dict(error=None, seconds=seconds, exact=exact)
+
+
+def check_outcome(name: str, outcome: dict, rank: int) -> None:
+    case = CASES[name]
+    if case.error is None:
+        assert outcome["error"] is None, f"{name}: {outcome['error']}"
+        assert outcome["exact"], f"{name}: loaded values differ (silent corruption)"
+        return
+    msg = outcome["error"]
+    assert msg is not None, f"{name}: loaded without an error"
+    assert re.search(case.error, msg), f"{name}: {msg}"
+    assert re.search(r"\[rank \d+, ", msg), f"{name}: no rank named in {msg}"
+    if case.file:
+        assert case.file in msg, f"{name}: file {case.file} not named in {msg}"
+    if case.key:
+        assert repr(case.key) in msg or case.key in msg, f"{name}: key {case.key} not named in {msg}"
+    assert outcome["unchanged"], f"{name}: the model was changed by a failed load"
+    assert not outcome["code_ran"], f"{name}: code in a pickle ran"
+
+
+def _corpus_on_ranks(rank: int, world_size: int, root: str) -> dict:
+    return {name: run_case(name, root, rank) for name in CASES}
+
+
+@pytest.fixture(scope="module")
+def corpus_roots(tmp_path_factory):
+    """Two copies: some cases change their files while loading."""
+    return [write_corpus(tmp_path_factory.mktemp(f"corpus{i}")) for i in range(2)]
+
+
+def test_corpus_has_enough_cases():
+    assert sum(c.error is not None for c in CASES.values()) >= 30
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_corpus_case_on_one_rank(corpus_roots, name):
+    check_outcome(name, run_case(name, corpus_roots[0], 0), 0)
+
+
+@pytest.mark.multiprocess
+def test_corpus_on_three_ranks(corpus_roots):
+    results = run_ranks(_corpus_on_ranks, 3, corpus_roots[1], timeout=DEADLINE)
+    for name in CASES:
+        for rank, r in enumerate(results):
+            check_outcome(name, r[name], rank)
+        assert len({r[name]["error"] for r in results}) == 1, f"{name}: ranks disagree"
+
+
+def _die_or_stall(rank: int, world_size: int, path: str, fault: tuple) -> dict:
+    from corpus import SPEC
+
+    _faults.FAULT, _faults.STALL_SECONDS = fault, 8.0
+    model = SpecModel(SPEC)
+    started = time.monotonic()
+    try:
+        distshard.load(model, path, timeout=3, log_summary=False)
+        return dict(error=None)
+    except DistShardError as e:
+        return dict(error=str(e), seconds=time.monotonic() - started,
+                    unchanged=all(p.is_meta for p in model.parameters()))
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("fault", [("read", 1, "kill"), ("validate", 2, "kill"),
+                                   ("distribute", 2, "stall"), ("plan", 0, "stall")])
+def test_a_killed_or_stalled_rank_stops_the_others_within_the_timeout(tmp_path, fault):
+    from corpus import write_sharded
+
+    write_sharded(tmp_path, make_state(), files=3)
+    phase, bad, action = fault
+    try:
+        results = dict(enumerate(run_ranks(_die_or_stall, 3, str(tmp_path), fault, timeout=120)))
+    except RanksFailed as e:  # the killed rank leaves no result
+        assert action == "kill" and set(e.errors) == {bad}, e
+        results = e.results
+    others = {r: v for r, v in results.items() if r != bad}
+    assert len(others) == 2
+    for r, v in others.items():
+        assert v["error"] is not None, f"rank {r} loaded although rank {bad} failed"
+        assert v["unchanged"], f"rank {r}: model changed"
+        assert v["seconds"] < 3 + 15, f"rank {r} took {v['seconds']:.1f} s to fail"
