@@ -12,7 +12,6 @@ already equal.
 
 from __future__ import annotations
 
-
 import torch.distributed as dist
 from common import finish, meta_model, start, train_step
 from torch.distributed.fsdp import FullyShardedDataParallel

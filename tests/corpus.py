@@ -9,12 +9,17 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from safetensors.torch import save_file
+
+import distshard
+from distshard import DistShardError, _faults
 
 SPEC: dict[str, tuple[tuple[int, ...], torch.dtype]] = {
     "embed.weight": ((6, 4), torch.float32),
@@ -279,3 +284,42 @@ CASES: dict[str, Case] = {
     "single file": Case(_single_file, None),
     "bf16 checkpoint into a float32 model": Case(_state_edit(lambda s: s.__setitem__("embed.weight", s["embed.weight"].bfloat16())), None, state={**make_state(), "embed.weight": make_state()["embed.weight"].bfloat16().float()}),
 }
+
+
+def slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def write_corpus(root) -> str:
+    for name, case in CASES.items():
+        case.write(os.path.join(root, slug(name)))
+    return str(root)
+
+
+def run_case(name: str, root: str, rank: int) -> dict:
+    """Load case ``name`` into a real model filled with a sentinel; report what happened."""
+    case = CASES[name]
+    path = os.path.join(root, slug(name))
+    model = SpecModel(case.spec, device="cpu")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    if case.after_plan is not None:
+        _faults.FAULT = lambda phase, r: case.after_plan(path) if (phase, r) == ("plan", 0) else None
+    started = time.monotonic()
+    try:
+        distshard.load(model, path, strict=case.strict, bucket_size=64, timeout=60, log_summary=False)
+        error = None
+    except DistShardError as e:
+        error = str(e)
+    finally:
+        _faults.FAULT = None
+    seconds = time.monotonic() - started
+    after = model.state_dict()
+    if error is not None:
+        return dict(error=error, seconds=seconds,
+                    unchanged=all(torch.equal(after[k], v) for k, v in before.items()),
+                    code_ran=os.path.exists(os.path.join(path, "pwned")))
+    want = case.state if case.state is not None else make_state(case.spec)
+    exact = sorted(after) == sorted(want) and all(
+        after[k].dtype == before[k].dtype and torch.equal(after[k], want[k].to(before[k].dtype))
+        for k in want)
+    return dict(error=None, seconds=seconds, exact=exact)

@@ -3,58 +3,17 @@ and no model is left changed; valid edge cases load exactly. Each case runs on 1
 
 from __future__ import annotations
 
-import os
 import re
 import time
 
 import pytest
-import torch
-from corpus import CASES, SpecModel, make_state
+from corpus import CASES, SpecModel, make_state, run_case, write_corpus
 
 import distshard
 from distshard import DistShardError, _faults
 from distshard.testing import RanksFailed, run_ranks
 
 DEADLINE = 300
-
-
-def slug(name: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-
-
-def write_corpus(root) -> str:
-    for name, case in CASES.items():
-        case.write(os.path.join(root, slug(name)))
-    return str(root)
-
-
-def run_case(name: str, root: str, rank: int) -> dict:
-    """Load case ``name`` into a real model filled with a sentinel; report what happened."""
-    case = CASES[name]
-    path = os.path.join(root, slug(name))
-    model = SpecModel(case.spec, device="cpu")
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    if case.after_plan is not None:
-        _faults.FAULT = lambda phase, r: case.after_plan(path) if (phase, r) == ("plan", 0) else None
-    started = time.monotonic()
-    try:
-        distshard.load(model, path, strict=case.strict, bucket_size=64, timeout=60, log_summary=False)
-        error = None
-    except DistShardError as e:
-        error = str(e)
-    finally:
-        _faults.FAULT = None
-    seconds = time.monotonic() - started
-    after = model.state_dict()
-    if error is not None:
-        return dict(error=error, seconds=seconds,
-                    unchanged=all(torch.equal(after[k], v) for k, v in before.items()),
-                    code_ran=os.path.exists(os.path.join(path, "pwned")))
-    want = case.state if case.state is not None else make_state(case.spec)
-    exact = sorted(after) == sorted(want) and all(
-        after[k].dtype == before[k].dtype and torch.equal(after[k], want[k].to(before[k].dtype))
-        for k in want)
-    return dict(error=None, seconds=seconds, exact=exact)
 
 
 def check_outcome(name: str, outcome: dict, rank: int) -> None:
