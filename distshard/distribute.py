@@ -1,8 +1,9 @@
 """Move each bucket from the rank that read it to the ranks that need it.
 
 A bucket that every rank wants whole (plain tensors, replicated DTensors) is broadcast. A bucket
-holding DTensor shards is scattered: the reader cuts each rank's boxes out of the bucket and each
-rank receives only its own, so no rank ever holds a full copy of a tensor it did not read.
+of DTensor shards made of whole rows, each row wanted by one rank, is read by every rank itself:
+its own rows, straight into its shard. Any other bucket is cut by its reader into each rank's
+pieces, sent point to point. No rank ever holds a full copy of a tensor it did not read.
 
 Collective: every rank of the group runs :meth:`Exchange.run` over the same plan. A rank that
 fails keeps joining every collective (with whatever bytes it has) and returns its failure, to be
@@ -50,8 +51,8 @@ class Exchange:
         self._filled[key] = self._filled.get(key, 0) + _numel(box[1])
 
     def _check_filled(self) -> None:
-        """Every element of every destination was written exactly once: a plan that missed a
-        row would otherwise hand back uninitialised memory."""
+        """As many elements arrived for each destination as it holds: a plan that missed a row
+        would otherwise hand back uninitialised memory."""
         for key, dest in (self.dests or {}).items():
             if self._filled.get(key, 0) != dest.numel():
                 raise DistShardError(

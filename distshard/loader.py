@@ -95,10 +95,11 @@ def load(
     the current CUDA device for nccl) or on a real device (loaded in place). Floating tensors
     take the model's dtype, or ``dtype`` when given. DTensor parameters receive only their
     local shard: with ``read_own_slices``, a rank reads shards made of whole rows straight from
-    the file; otherwise, and for other shards, the rank that read the file sends them. Any failure on any rank raises the same
-    :class:`DistShardError` on every rank, and the model is then left unchanged; a rank that
-    dies or stalls makes the others raise once ``timeout`` passes without its answer (gloo; on
-    nccl the group's own timeout applies).
+    the file; otherwise, and for other shards, the rank that read the file sends them.
+
+    Any failure on any rank raises the same :class:`DistShardError` on every rank, and the model
+    is then left unchanged; a rank that dies or stalls makes the others raise once ``timeout``
+    passes without its answer (gloo; on nccl the group's own timeout applies).
     """
     options = LoadOptions(device=device, dtype=dtype, strict=strict, bucket_size=bucket_size,
                           read_own_slices=read_own_slices, timeout=timeout,
