@@ -87,7 +87,7 @@ def load(
     timeout: timedelta | float = DEFAULT_TIMEOUT,
     log_summary: bool = True,
 ) -> LoadReport:
-    """Load ``checkpoint`` into ``model`` on every rank of ``group``; each file is read by one rank.
+    """Load ``checkpoint`` into ``model`` on every rank of ``group``, each byte read by one rank.
 
     Collective: every rank of ``group`` (default: the whole job; none needed for one process)
     calls it with the same arguments, and no other collective may run on ``group`` meanwhile.

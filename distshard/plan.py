@@ -6,7 +6,7 @@ walks ``plan.buckets`` in the same order, which is what keeps the collectives ma
 
 from __future__ import annotations
 
-import heapq
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -22,7 +22,7 @@ __all__ = [
     "Piece",
     "PlannedFile",
     "Slot",
-    "assign_files",
+    "assign_ranges",
     "intersect",
     "make_plan",
     "payload_layout",
@@ -70,12 +70,12 @@ class Bucket:
 
 @dataclass(frozen=True, slots=True)
 class PlannedFile:
+    """A checkpoint file as rank 0 saw it; readers refuse it if it has changed since."""
+
     name: str
     kind: str
     size: int
     mtime_ns: int
-    owner: int
-    nbytes: int  # bytes of this file that will be read (the tensors the model needs)
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,31 +86,33 @@ class LoadPlan:
     buckets: tuple[Bucket, ...]
 
     def bytes_per_rank(self) -> list[int]:
+        """Bytes each rank reads from storage when it reads whole buckets."""
         loads = [0] * self.world_size
-        for f in self.files:
-            loads[f.owner] += f.nbytes
+        for b in self.buckets:
+            loads[b.owner] += sum(s.nbytes for s in b.slots)
         return loads
 
     def file(self, name: str) -> PlannedFile:
         return next(f for f in self.files if f.name == name)
 
 
-def assign_files(nbytes: Mapping[str, int], world_size: int) -> dict[str, int]:
-    """Give each file to a rank, largest file first, to the least-loaded rank (lowest rank on
-    ties). Deterministic; the heaviest rank carries at most ``total / world_size + max(file)``.
+def assign_ranges(nbytes: Sequence[int], world_size: int) -> list[int]:
+    """Cut a sequence of byte runs (the buckets of every file, in file order) into
+    ``world_size`` contiguous stretches of nearly equal bytes: each run goes to the rank whose
+    stretch holds its midpoint. Deterministic; every rank reads one near-sequential stretch, and
+    the heaviest carries at most ``total / world_size + max(run)``.
 
-    >>> assign_files({"a": 5, "b": 3, "c": 3}, 2)
-    {'a': 0, 'b': 1, 'c': 1}
+    >>> assign_ranges([5, 5, 5, 5], 2), assign_ranges([9, 1, 1, 1], 2), assign_ranges([3], 3)
+    ([0, 0, 1, 1], [0, 1, 1, 1], [1])
     """
     if world_size < 1:
         raise ValueError(f"world_size must be at least 1, got {world_size}")
-    loads = [(0, rank) for rank in range(world_size)]
-    owner = {}
-    for name in sorted(nbytes, key=lambda n: (-nbytes[n], n)):
-        load, rank = heapq.heappop(loads)
-        owner[name] = rank
-        heapq.heappush(loads, (load + nbytes[name], rank))
-    return dict(sorted(owner.items()))
+    total = sum(nbytes)
+    owners, start = [], 0
+    for n in nbytes:  # midpoint start + n/2, in integers: exact for any size
+        owners.append(min(world_size - 1, (2 * start + n) * world_size // (2 * total)) if total else 0)
+        start += n
+    return owners
 
 
 def make_plan(files: Sequence[FileInfo], world_size: int, bucket_size: int) -> LoadPlan:
@@ -119,19 +121,20 @@ def make_plan(files: Sequence[FileInfo], world_size: int, bucket_size: int) -> L
     Buckets never mix files and keep a file's tensors in file order, so one bucket is one
     near-sequential read; a tensor larger than ``bucket_size`` is cut into runs of whole rows
     (contiguous bytes) that fill one bucket each, so staging never exceeds ``bucket_size``
-    unless a single row does. Buckets of different owners are interleaved so that reads spread
-    over ranks.
+    unless a single row does. Ranks read byte ranges, not whole files: the buckets of all files,
+    in file order, are cut into one stretch per rank (:func:`assign_ranges`), so even a
+    single-file checkpoint is shared evenly. Buckets of different ranks are interleaved so that
+    reads spread over ranks.
     """
     if bucket_size < 1:
         raise ValueError(f"bucket_size must be positive, got {bucket_size}")
-    needed = {f.name: sum(t.nbytes for t in f.tensors.values()) for f in files}
-    owner = assign_files(needed, world_size)
-    planned = tuple(
-        PlannedFile(f.name, f.kind, f.size, f.mtime_ns, owner[f.name], needed[f.name])
-        for f in sorted(files, key=lambda f: f.name))
+    ordered = sorted(files, key=lambda f: f.name)
+    tape = [b for f in ordered for b in _pack(f, 0, bucket_size)]
+    owners = assign_ranges([sum(s.nbytes for s in b.slots) for b in tape], world_size)
     per_owner: list[list[Bucket]] = [[] for _ in range(world_size)]
-    for f in sorted(files, key=lambda f: f.name):
-        per_owner[owner[f.name]].extend(_pack(f, owner[f.name], bucket_size))
+    for bucket, owner in zip(tape, owners):
+        per_owner[owner].append(dataclasses.replace(bucket, owner=owner))
+    planned = tuple(PlannedFile(f.name, f.kind, f.size, f.mtime_ns) for f in ordered)
     return LoadPlan(world_size, bucket_size, planned, _interleave(per_owner))
 
 

@@ -3,8 +3,8 @@
     OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node=4 launch_examples/demo.py [--checkpoint DIR] [--size tiny|small|large]
 
 Without --checkpoint, rank 0 first writes a sample Llama-like checkpoint (random weights).
-Every rank builds the model on the meta device, reads only the files it owns, and receives the
-rest by broadcast; the checksum line shows that every rank ended with the same weights.
+Every rank builds the model on the meta device, reads only its share of the files, and receives
+the rest by broadcast; the checksum line shows that every rank ended with the same weights.
 """
 
 from __future__ import annotations

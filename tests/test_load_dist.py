@@ -56,10 +56,10 @@ def test_every_format_loads_bitwise_on_every_rank(checkpoints, world_size):
     results = run_ranks(_load_every_case, world_size, checkpoints, timeout=DEADLINE)
     for name in checkpoints:
         per_rank = [r[name] for r in results]
-        files = [f for r in per_rank for f in r["files"]]
-        assert len(files) == len(set(files)), f"{name}: a file was read by two ranks: {files}"
         assert [r["bytes_read"] for r in per_rank] == per_rank[0]["per_rank"]
         assert per_rank[0]["total"] == per_rank[0]["expected"], f"{name}: read {per_rank[0]}"
+        if world_size > 1:  # ranges, not files: even a single file is shared by the ranks
+            assert sum(r["bytes_read"] > 0 for r in per_rank) > 1, f"{name}: {per_rank[0]}"
         for r in per_rank:  # replicated: everything a rank did not read reaches it by broadcast
             assert r["received"] == r["total"] - r["bytes_read"]
 
