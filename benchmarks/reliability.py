@@ -19,7 +19,15 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 
-from corpus import CASES, SPEC, SpecModel, make_state, run_case, write_corpus, write_sharded  # noqa: E402
+from corpus import (  # noqa: E402
+    CASES,
+    SPEC,
+    SpecModel,
+    make_state,
+    run_case,
+    write_corpus,
+    write_sharded,
+)
 
 import distshard  # noqa: E402
 from distshard import DistShardError, _faults  # noqa: E402
@@ -51,7 +59,7 @@ def corpus_figures(root: str, world_size: int) -> tuple[int, int, int, float]:
     else:
         try:
             results = run_ranks(_corpus, world_size, root, timeout=300)
-        except RanksFailed as e:
+        except RanksFailed:
             return len(CASES), 1, 0, float("nan")
     silent, worst = 0, 0.0
     for name, case in CASES.items():

@@ -19,10 +19,11 @@ import argparse
 import os
 import statistics
 import sys
-import tempfile
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "launch_examples"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from harness import SIZES, evict, sample_checkpoint  # noqa: E402
 
 MODES = {"own": True, "sent": False}  # read_own_slices
 
@@ -54,20 +55,7 @@ def _rank(rank: int, world_size: int, ckpt: str, bucket_size: int, read_own: boo
                 local=sum(p.to_local().nbytes for p in model.parameters()), touched=touched)
 
 
-def evict(folder: str) -> None:
-    """Drop the checkpoint's pages from the page cache (no root needed)."""
-    for name in os.listdir(folder):
-        fd = os.open(os.path.join(folder, name), os.O_RDONLY)
-        try:
-            os.fdatasync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-
-
 def main() -> int:
-    from common import SIZES, write_sample
-
     from distshard import DEFAULT_BUCKET_SIZE
     from distshard.testing import run_ranks
 
@@ -79,13 +67,7 @@ def main() -> int:
     parser.add_argument("--bucket-size", type=int, default=DEFAULT_BUCKET_SIZE)
     args = parser.parse_args()
 
-    ckpt = args.checkpoint
-    if ckpt is None:
-        ckpt = os.path.join(tempfile.gettempdir(), f"distshard-sample-llama-{args.size}")
-        if not os.path.exists(os.path.join(ckpt, "config.json")):
-            print(f"writing a sample {args.size} checkpoint to {ckpt} ...", flush=True)
-            write_sample(ckpt + ".partial", args.size, max_shard_size="200MB")
-            os.replace(ckpt + ".partial", ckpt)
+    ckpt = sample_checkpoint(args.checkpoint, args.size)
     ok = True
     print(f"{'ranks':>5} {'mode':>4} {'rank':>4} {'ckpt MB':>8} {'local MB':>9} {'read MB':>8} "
           f"{'recv MB':>8} {'peak MB':>8} {'bound MB':>9} {'peak/share':>10}")

@@ -1,0 +1,186 @@
+"""One node, local disk (scenario S1): distshard against the other loaders, in one run, cold.
+
+    python benchmarks/compare.py [--size large] [--ranks 2 4] [--modes replicated sharded] [--json out.json]
+
+Every loader runs in the same harness: gloo ranks spawned with a file rendezvous, the checkpoint
+(a sample Llama-like model written by ``save_pretrained``; ``--size large`` is 1.07 GB in fp32)
+evicted from the page cache before each run. Time: slowest rank, from before the model is built
+to the end of a pass that touches every parameter byte (mmap-lazy loaders pay their page faults
+there). Memory: each rank's peak of RSS minus shared pages during that time, above its start.
+Disk: bytes the block device read during the run (system-wide). Checksum: the sum of every
+parameter, which must agree across loaders. Ratios are against the fastest peer of the same row.
+
+Loaders (``sharded``: each is followed by ``fully_shard`` of every block and the root, except
+distshard and DCP, which load straight into the sharded model):
+  distshard      distshard.load into the meta model
+  transformers   AutoModelForCausalLM.from_pretrained on every rank
+  accelerate     init_empty_weights + load_checkpoint_in_model on every rank
+  rank0-bcast    rank 0 from_pretrained; set_model_state_dict(full_state_dict, broadcast_from_rank0)
+  dcp            torch.distributed.checkpoint.load with HuggingFaceStorageReader
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from harness import SIZES, evict, sample_checkpoint  # noqa: E402
+
+LOADERS = ["distshard", "transformers", "accelerate", "rank0-bcast", "dcp"]
+
+
+def _meta_model(ckpt):
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(ckpt))
+    model.tie_weights()
+    return model
+
+
+def _shard(model, world_size):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (world_size,))
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def _load(loader: str, ckpt: str, sharded: bool, rank: int, world_size: int):
+    import distshard
+
+    if loader == "distshard":
+        model = _meta_model(ckpt)
+        if sharded:
+            _shard(model, world_size)
+        distshard.load(model, ckpt, log_summary=False)
+        return model
+    if loader == "transformers":
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(ckpt)
+        return _shard(model, world_size) if sharded else model
+    if loader == "accelerate":
+        from accelerate import load_checkpoint_in_model
+
+        model = _meta_model(ckpt)
+        load_checkpoint_in_model(model, ckpt, device_map={"": "cpu"})
+        model.tie_weights()
+        return _shard(model, world_size) if sharded else model
+    if loader == "rank0-bcast":
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+        )
+        from transformers import AutoModelForCausalLM
+
+        full = AutoModelForCausalLM.from_pretrained(ckpt).state_dict() if rank == 0 else {}
+        model = _meta_model(ckpt)
+        if sharded:
+            _shard(model, world_size)
+        model.to_empty(device="cpu")
+        set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True,
+                                                                   broadcast_from_rank0=True))
+        model.tie_weights()
+        return model
+    if loader == "dcp":
+        import torch.distributed.checkpoint as dcp
+
+        model = _meta_model(ckpt)
+        if sharded:
+            _shard(model, world_size)
+        model.to_empty(device="cpu")
+        state = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"
+                 or not model.config.tie_word_embeddings}
+        dcp.load(state, storage_reader=dcp.HuggingFaceStorageReader(ckpt))
+        model.tie_weights()
+        return model
+    raise ValueError(loader)
+
+
+def _rank(rank: int, world_size: int, loader: str, ckpt: str, sharded: bool) -> dict:
+    # Import every loader's modules first: the clock and the memory sampler start after them.
+    import accelerate  # noqa: F401
+    import torch
+    import torch.distributed.checkpoint  # noqa: F401
+    import torch.distributed.fsdp  # noqa: F401
+    import transformers.models.llama.modeling_llama  # noqa: F401
+    from torch.distributed.tensor import DTensor
+
+    from distshard.report import PeakMemorySampler
+
+    with PeakMemorySampler() as memory:
+        started = time.perf_counter()
+        model = _load(loader, ckpt, sharded, rank, world_size)
+        with torch.no_grad():  # touch every byte this rank holds, allocating nothing large
+            local = [p.to_local() if isinstance(p, DTensor) else p for p in model.parameters()]
+            touched = sum(float(t.sum()) for t in local)
+        seconds = time.perf_counter() - started
+    with torch.no_grad():
+        checksum = sum(float((p.full_tensor() if isinstance(p, DTensor) else p).double().sum())
+                       for p in model.parameters())
+    return dict(seconds=seconds, peak=memory.peak_above_baseline, checksum=checksum, touched=touched)
+
+
+def main() -> int:
+    import psutil
+
+    from distshard.testing import run_ranks
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint")
+    parser.add_argument("--size", choices=sorted(SIZES), default="large")
+    parser.add_argument("--ranks", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--modes", nargs="+", default=["replicated", "sharded"])
+    parser.add_argument("--loaders", nargs="+", default=LOADERS)
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    ckpt = sample_checkpoint(args.checkpoint, args.size)
+    size = sum(os.path.getsize(os.path.join(ckpt, f)) for f in os.listdir(ckpt))
+    rows = []
+    print(f"checkpoint {ckpt}: {size / 1e9:.2f} GB")
+    print(f"{'mode':<10} {'ranks':>5} {'loader':<13} {'time s':>7} {'x fastest peer':>14} "
+          f"{'peak MB/rank':>12} {'disk MB':>8} {'checksum':>14}")
+    for mode in args.modes:
+        for n in args.ranks:
+            block = []
+            for loader in args.loaders:
+                evict(ckpt)
+                before = psutil.disk_io_counters().read_bytes
+                try:
+                    res = run_ranks(_rank, n, loader, ckpt, mode == "sharded", timeout=1200)
+                except Exception as e:  # a peer that cannot do this case is reported, not fatal
+                    block.append(dict(mode=mode, ranks=n, loader=loader, error=str(e)[-300:]))
+                    continue
+                block.append(dict(mode=mode, ranks=n, loader=loader,
+                                  seconds=max(r["seconds"] for r in res),
+                                  peak=max(r["peak"] for r in res),
+                                  disk=psutil.disk_io_counters().read_bytes - before,
+                                  checksum=res[0]["checksum"]))
+            peers = [r["seconds"] for r in block if "seconds" in r and r["loader"] != "distshard"]
+            for r in block:
+                if "error" in r:
+                    print(f"{mode:<10} {n:>5} {r['loader']:<13} failed: {r['error'][-120:]!r}")
+                    continue
+                r["vs_fastest_peer"] = r["seconds"] / min(peers) if peers else float("nan")
+                print(f"{mode:<10} {n:>5} {r['loader']:<13} {r['seconds']:>7.2f} "
+                      f"{r['vs_fastest_peer']:>14.2f} {r['peak'] / 1e6:>12.1f} "
+                      f"{r['disk'] / 1e6:>8.1f} {r['checksum']:>14.4f}", flush=True)
+            rows += block
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(checkpoint_bytes=size, rows=rows), f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
