@@ -8,7 +8,9 @@ evicted from the page cache before each run. Time: slowest rank, from before the
 to the end of a pass that touches every parameter byte (mmap-lazy loaders pay their page faults
 there). Memory: each rank's peak of RSS minus shared pages during that time, above its start.
 Disk: bytes the block device read during the run (system-wide). Checksum: the sum of every
-parameter, which must agree across loaders. Ratios are against the fastest peer of the same row.
+parameter, which must agree across loaders. Ratios are against the fastest peer of the same row
+group and against the cold-read bound (checkpoint bytes / one reader's cold sequential read rate);
+the bounds (cold read, memcpy, gloo broadcast) are measured first, in the same run.
 
 Loaders (``sharded``: each is followed by ``fully_shard`` of every block and the root, except
 distshard and DCP, which load straight into the sharded model):
@@ -131,6 +133,45 @@ def _rank(rank: int, world_size: int, loader: str, ckpt: str, sharded: bool) -> 
     return dict(seconds=seconds, peak=memory.peak_above_baseline, checksum=checksum, touched=touched)
 
 
+def _broadcast_rank(rank: int, world_size: int, nbytes: int) -> float:
+    import torch
+    import torch.distributed as dist
+
+    buf = torch.ones(nbytes, dtype=torch.uint8)
+    dist.broadcast(buf, src=0)  # warm the connections
+    dist.barrier()
+    started = time.perf_counter()
+    dist.broadcast(buf, src=0)
+    dist.barrier()
+    return time.perf_counter() - started
+
+
+def bounds(ckpt: str, world_size: int) -> dict[str, float]:
+    """The machine's limits, measured now: cold sequential read of the checkpoint by one
+    reader, memcpy, and gloo's broadcast of 256 MiB to ``world_size`` ranks (bytes/second)."""
+    import torch
+
+    from distshard.testing import run_ranks
+
+    evict(ckpt)
+    names = [os.path.join(ckpt, f) for f in sorted(os.listdir(ckpt))]
+    buf = bytearray(64 << 20)
+    started, total = time.perf_counter(), 0
+    for name in names:
+        with open(name, "rb", buffering=0) as f:
+            while n := f.readinto(buf):
+                total += n
+    disk = total / (time.perf_counter() - started)
+    a, b = torch.empty(256 << 20, dtype=torch.uint8), torch.ones(256 << 20, dtype=torch.uint8)
+    a.copy_(b)
+    started = time.perf_counter()
+    for _ in range(4):
+        a.copy_(b)
+    memcpy = 4 * a.numel() / (time.perf_counter() - started)
+    seconds = max(run_ranks(_broadcast_rank, world_size, 256 << 20, timeout=300))
+    return dict(disk=disk, memcpy=memcpy, broadcast=(256 << 20) / seconds)
+
+
 def main() -> int:
     import psutil
 
@@ -147,9 +188,14 @@ def main() -> int:
     ckpt = sample_checkpoint(args.checkpoint, args.size)
     size = sum(os.path.getsize(os.path.join(ckpt, f)) for f in os.listdir(ckpt))
     rows = []
+    limits = {n: bounds(ckpt, n) for n in args.ranks}
     print(f"checkpoint {ckpt}: {size / 1e9:.2f} GB")
+    for n, b in limits.items():
+        print(f"bounds with {n} ranks: cold read {b['disk'] / 1e9:.2f} GB/s (checkpoint in "
+              f"{size / b['disk']:.2f} s), memcpy {b['memcpy'] / 1e9:.2f} GB/s, gloo broadcast "
+              f"{b['broadcast'] / 1e9:.2f} GB/s")
     print(f"{'mode':<10} {'ranks':>5} {'loader':<13} {'time s':>7} {'x fastest peer':>14} "
-          f"{'peak MB/rank':>12} {'disk MB':>8} {'checksum':>14}")
+          f"{'x cold read':>11} {'peak MB/rank':>12} {'disk MB':>8} {'checksum':>14}")
     for mode in args.modes:
         for n in args.ranks:
             block = []
@@ -172,13 +218,14 @@ def main() -> int:
                     print(f"{mode:<10} {n:>5} {r['loader']:<13} failed: {r['error'][-120:]!r}")
                     continue
                 r["vs_fastest_peer"] = r["seconds"] / min(peers) if peers else float("nan")
+                r["vs_cold_read"] = r["seconds"] / (size / limits[n]["disk"])
                 print(f"{mode:<10} {n:>5} {r['loader']:<13} {r['seconds']:>7.2f} "
-                      f"{r['vs_fastest_peer']:>14.2f} {r['peak'] / 1e6:>12.1f} "
+                      f"{r['vs_fastest_peer']:>14.2f} {r['vs_cold_read']:>11.2f} {r['peak'] / 1e6:>12.1f} "
                       f"{r['disk'] / 1e6:>8.1f} {r['checksum']:>14.4f}", flush=True)
             rows += block
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(checkpoint_bytes=size, rows=rows), f, indent=1)
+            json.dump(dict(checkpoint_bytes=size, bounds=limits, rows=rows), f, indent=1)
     return 0
 
 
