@@ -1,0 +1,36 @@
+"""The benchmarks keep working: each runs at a tiny size (figures are not asserted: tests never
+judge wall-clock time)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.multiprocess
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def run(script: str, tmp_path, *args: str) -> str:
+    env = dict(os.environ, OMP_NUM_THREADS="1", TMPDIR=str(tmp_path))
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / script), *args], capture_output=True,
+                          text=True, timeout=600, env=env)
+    assert proc.returncode == 0, f"{script} failed:\n{proc.stdout}\n{proc.stderr[-5000:]}"
+    return proc.stdout
+
+
+def test_compare_runs_and_every_loader_agrees(tmp_path):
+    out = run("compare.py", tmp_path, "--size", "tiny", "--ranks", "2", "--modes", "sharded",
+              "--loaders", "distshard", "dcp", "--json", str(tmp_path / "out.json"))
+    rows = json.loads((tmp_path / "out.json").read_text())["rows"]
+    assert [r["loader"] for r in rows] == ["distshard", "dcp"], out
+    assert len({round(r["checksum"], 3) for r in rows}) == 1, out
+
+
+def test_sharded_load_runs_within_its_memory_bound(tmp_path):
+    out = run("sharded_load.py", tmp_path, "--size", "tiny", "--ranks", "2", "--repeats", "1")
+    assert "every rank within its memory bound" in out
