@@ -1,13 +1,17 @@
 """One node, local disk (scenario S1): distshard against the other loaders, in one run, cold.
 
-    python benchmarks/compare.py [--size large] [--ranks 2 4] [--modes replicated sharded] [--json out.json]
+    python benchmarks/compare.py [--size large] [--ranks 2 4] [--modes replicated sharded]
+                                 [--json out.json] [--chart out.png]
 
 Every loader runs in the same harness: gloo ranks spawned with a file rendezvous, the checkpoint
 (a sample Llama-like model written by ``save_pretrained``; ``--size large`` is 1.07 GB in fp32)
 evicted from the page cache before each run. Time: slowest rank, from before the model is built
 to the end of a pass that touches every parameter byte (mmap-lazy loaders pay their page faults
 there). Memory: each rank's peak of RSS minus shared pages during that time, above its start.
-Disk: bytes the block device read during the run (system-wide). Checksum: the sum of every
+Disk: bytes the block device read during the run (system-wide); max rank: the most any one rank
+caused to be read from storage (/proc/self/io read_bytes). Write: after the clock stops, the
+first in-place write of every parameter (an optimizer step's effect): loaders whose tensors are
+file-backed mmaps pay their private copy there. Checksum: the sum of every
 parameter, which must agree across loaders. Ratios are against the fastest peer of the same row
 group and against the cold-read bound (checkpoint bytes / one reader's cold sequential read rate);
 the bounds (cold read, memcpy, gloo broadcast) are measured first, in the same run.
@@ -31,7 +35,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from harness import SIZES, evict, sample_checkpoint  # noqa: E402
+from harness import HEADER, SIZES, chart, evict, finish_block, sample_checkpoint  # noqa: E402
 
 LOADERS = ["distshard", "transformers", "accelerate", "rank0-bcast", "dcp"]
 
@@ -112,6 +116,7 @@ def _load(loader: str, ckpt: str, sharded: bool, rank: int, world_size: int):
 def _rank(rank: int, world_size: int, loader: str, ckpt: str, sharded: bool) -> dict:
     # Import every loader's modules first: the clock and the memory sampler start after them.
     import accelerate  # noqa: F401
+    import psutil
     import torch
     import torch.distributed.checkpoint  # noqa: F401
     import torch.distributed.fsdp  # noqa: F401
@@ -120,6 +125,7 @@ def _rank(rank: int, world_size: int, loader: str, ckpt: str, sharded: bool) -> 
 
     from distshard.report import PeakMemorySampler
 
+    io_before = psutil.Process().io_counters().read_bytes
     with PeakMemorySampler() as memory:
         started = time.perf_counter()
         model = _load(loader, ckpt, sharded, rank, world_size)
@@ -127,10 +133,19 @@ def _rank(rank: int, world_size: int, loader: str, ckpt: str, sharded: bool) -> 
             local = [p.to_local() if isinstance(p, DTensor) else p for p in model.parameters()]
             touched = sum(float(t.sum()) for t in local)
         seconds = time.perf_counter() - started
+    rank_read = psutil.Process().io_counters().read_bytes - io_before
+    # Not part of the load time: the first in-place write of every parameter (what an optimizer
+    # step does), where loaders that hand out file-backed tensors pay their copy.
+    started = time.perf_counter()
+    with torch.no_grad():
+        for t in local:
+            t.mul_(1)
+    write_seconds = time.perf_counter() - started
     with torch.no_grad():
         checksum = sum(float((p.full_tensor() if isinstance(p, DTensor) else p).double().sum())
                        for p in model.parameters())
-    return dict(seconds=seconds, peak=memory.peak_above_baseline, checksum=checksum, touched=touched)
+    return dict(seconds=seconds, peak=memory.peak_above_baseline, checksum=checksum,
+                touched=touched, rank_read=rank_read, write_seconds=write_seconds)
 
 
 def _broadcast_rank(rank: int, world_size: int, nbytes: int) -> float:
@@ -184,6 +199,7 @@ def main() -> int:
     parser.add_argument("--modes", nargs="+", default=["replicated", "sharded"])
     parser.add_argument("--loaders", nargs="+", default=LOADERS)
     parser.add_argument("--json")
+    parser.add_argument("--chart", help="write a PNG chart here")
     args = parser.parse_args()
     ckpt = sample_checkpoint(args.checkpoint, args.size)
     size = sum(os.path.getsize(os.path.join(ckpt, f)) for f in os.listdir(ckpt))
@@ -194,35 +210,29 @@ def main() -> int:
         print(f"bounds with {n} ranks: cold read {b['disk'] / 1e9:.2f} GB/s (checkpoint in "
               f"{size / b['disk']:.2f} s), memcpy {b['memcpy'] / 1e9:.2f} GB/s, gloo broadcast "
               f"{b['broadcast'] / 1e9:.2f} GB/s")
-    print(f"{'mode':<10} {'ranks':>5} {'loader':<13} {'time s':>7} {'x fastest peer':>14} "
-          f"{'x cold read':>11} {'peak MB/rank':>12} {'disk MB':>8} {'checksum':>14}")
+    print(HEADER)
     for mode in args.modes:
         for n in args.ranks:
             block = []
             for loader in args.loaders:
                 evict(ckpt)
                 before = psutil.disk_io_counters().read_bytes
+                row = dict(scenario="S1", mode=mode, ranks=n, loader=loader)
                 try:
                     res = run_ranks(_rank, n, loader, ckpt, mode == "sharded", timeout=1200)
                 except Exception as e:  # a peer that cannot do this case is reported, not fatal
-                    block.append(dict(mode=mode, ranks=n, loader=loader, error=str(e)[-300:]))
+                    block.append(dict(row, error=str(e)[-300:]))
                     continue
-                block.append(dict(mode=mode, ranks=n, loader=loader,
-                                  seconds=max(r["seconds"] for r in res),
+                block.append(dict(row, seconds=max(r["seconds"] for r in res),
                                   peak=max(r["peak"] for r in res),
                                   disk=psutil.disk_io_counters().read_bytes - before,
+                                  rank_read=max(r["rank_read"] for r in res),
+                                  write_seconds=max(r["write_seconds"] for r in res),
                                   checksum=res[0]["checksum"]))
-            peers = [r["seconds"] for r in block if "seconds" in r and r["loader"] != "distshard"]
-            for r in block:
-                if "error" in r:
-                    print(f"{mode:<10} {n:>5} {r['loader']:<13} failed: {r['error'][-120:]!r}")
-                    continue
-                r["vs_fastest_peer"] = r["seconds"] / min(peers) if peers else float("nan")
-                r["vs_cold_read"] = r["seconds"] / (size / limits[n]["disk"])
-                print(f"{mode:<10} {n:>5} {r['loader']:<13} {r['seconds']:>7.2f} "
-                      f"{r['vs_fastest_peer']:>14.2f} {r['vs_cold_read']:>11.2f} {r['peak'] / 1e6:>12.1f} "
-                      f"{r['disk'] / 1e6:>8.1f} {r['checksum']:>14.4f}", flush=True)
+            finish_block(block, size / limits[n]["disk"])
             rows += block
+    if args.chart:
+        chart(rows, args.chart, f"S1, one node: {size / 1e9:.2f} GB checkpoint, cold")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(checkpoint_bytes=size, bounds=limits, rows=rows), f, indent=1)

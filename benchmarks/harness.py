@@ -1,4 +1,4 @@
-"""What the benchmarks share: the sample checkpoint and cold-cache eviction."""
+"""What the benchmarks share: the sample checkpoint, cold-cache eviction, the table and the chart."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from common import SIZES, write_sample  # noqa: E402
 
-__all__ = ["SIZES", "evict", "sample_checkpoint"]
+__all__ = ["HEADER", "SIZES", "chart", "evict", "finish_block", "sample_checkpoint"]
 
 
 def sample_checkpoint(path: str | None, size: str) -> str:
@@ -35,3 +35,63 @@ def evict(folder: str) -> None:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
+
+
+HEADER = (f"{'scenario':<9} {'mode':<10} {'ranks':>5} {'loader':<13} {'time s':>7} "
+          f"{'x fastest peer':>14} {'x bound':>7} {'peak MB/rank':>12} {'disk MB':>8} "
+          f"{'max rank MB':>11} {'write s':>7} {'checksum':>14}")
+
+
+def finish_block(block: list[dict], bound_seconds: float) -> None:
+    """Add the ratios to one group of rows (same scenario, mode and ranks) and print them.
+
+    ``x fastest peer``: time over the fastest other loader's; ``x bound``: time over
+    ``bound_seconds`` (the checkpoint at the scenario's storage bandwidth)."""
+    peers = [r["seconds"] for r in block if "seconds" in r and r["loader"] != "distshard"]
+    for r in block:
+        if "error" in r:
+            print(f"{r['scenario']:<9} {r['mode']:<10} {r['ranks']:>5} {r['loader']:<13} failed: "
+                  f"{r['error'][-120:]!r}", flush=True)
+            continue
+        r["vs_fastest_peer"] = r["seconds"] / min(peers) if peers else float("nan")
+        r["vs_bound"] = r["seconds"] / bound_seconds
+        print(f"{r['scenario']:<9} {r['mode']:<10} {r['ranks']:>5} {r['loader']:<13} "
+              f"{r['seconds']:>7.2f} {r['vs_fastest_peer']:>14.2f} {r['vs_bound']:>7.2f} "
+              f"{r['peak'] / 1e6:>12.1f} {r['disk'] / 1e6:>8.1f} {r['rank_read'] / 1e6:>11.1f} "
+              f"{r['write_seconds']:>7.2f} {r['checksum']:>14.4f}", flush=True)
+
+
+def chart(rows: list[dict], path: str, title: str) -> None:
+    """Grouped bars of load time and peak private memory per rank, one group per scenario, mode
+    and ranks, one bar per loader."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if "seconds" in r]
+    groups = list(dict.fromkeys((r["scenario"], r["mode"], r["ranks"]) for r in ok))
+    loaders = list(dict.fromkeys(r["loader"] for r in ok))
+    fig, axes = plt.subplots(2, 1, figsize=(max(6, 1.6 * len(groups) + 2), 7), sharex=True)
+    width = 0.8 / max(1, len(loaders))
+    for i, loader in enumerate(loaders):
+        xs, times, peaks = [], [], []
+        for g, key in enumerate(groups):
+            row = next((r for r in ok if (r["scenario"], r["mode"], r["ranks"]) == key
+                        and r["loader"] == loader), None)
+            if row is not None:
+                xs.append(g + (i - (len(loaders) - 1) / 2) * width)
+                times.append(row["seconds"])
+                peaks.append(row["peak"] / 1e6)
+        axes[0].bar(xs, times, width, label=loader)
+        axes[1].bar(xs, peaks, width, label=loader)
+    axes[0].set_ylabel("load time, slowest rank (s)")
+    axes[1].set_ylabel("peak private memory per rank (MB)")
+    axes[1].set_xticks(range(len(groups)))
+    axes[1].set_xticklabels([f"{s}\n{m}\n{n} ranks" for s, m, n in groups])
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=len(loaders),
+               fontsize="small")
+    axes[0].set_title(title)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

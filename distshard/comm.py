@@ -58,6 +58,10 @@ class Comm:
         if self.world_size > 1:
             self._wait(dist.broadcast(tensor, group=self.group, group_src=src, async_op=True))
 
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            self._wait(dist.barrier(group=self.group, async_op=True))
+
     def exchange(self, sends: list[tuple[torch.Tensor, int]],
                  recvs: list[tuple[torch.Tensor, int]]) -> None:
         """Point-to-point: send each ``(tensor, group rank)`` of ``sends``, receive each of

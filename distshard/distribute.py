@@ -1,6 +1,8 @@
 """Move each bucket from the rank that read it to the ranks that need it.
 
-A bucket that every rank wants whole (plain tensors, replicated DTensors) is broadcast. A bucket
+A bucket that every rank wants whole (plain tensors, replicated DTensors) is broadcast: on CPU
+through each node's shared-memory window (see :meth:`Exchange._through_window`), otherwise by the
+backend's broadcast. A bucket
 of DTensor shards made of whole rows, each row wanted by one rank, is read by every rank itself:
 its own rows, straight into its shard. Any other bucket is cut by its reader into each rank's
 pieces, sent point to point. No rank ever holds a full copy of a tensor it did not read.
@@ -12,13 +14,17 @@ raised by everyone at the next agreement.
 
 from __future__ import annotations
 
+import threading
+
 import torch
 
 from . import _faults
 from .comm import Comm, failure_of
 from .errors import DistShardError, RankFailure
-from .plan import Box, Bucket, LoadPlan, Piece, payload_layout
+from .plan import Box, Bucket, LoadPlan, Piece, align, payload_layout
 from .reader import ShardReader
+from .shm import NodeWindow
+from .topology import Topology
 
 __all__ = ["Exchange"]
 
@@ -26,9 +32,13 @@ __all__ = ["Exchange"]
 class Exchange:
     def __init__(self, comm: Comm, plan: LoadPlan, reader: ShardReader,
                  dests: dict[str, torch.Tensor] | None, boxes: list[dict[str, Box]] | None,
-                 *, read_own_slices: bool = True) -> None:
+                 *, read_own_slices: bool = True, window: NodeWindow | None = None,
+                 topology: Topology | None = None) -> None:
         self.comm, self.plan, self.reader, self.dests = comm, plan, reader, dests
         self.read_own_slices = read_own_slices
+        self.window = window
+        self.topology = topology or Topology.single(comm.world_size)
+        self._windows_used = 0  # halves alternate over the whole load, not per run of buckets
         self.boxes = boxes or [{}] * comm.world_size  # per rank; empty: every tensor whole
         self.buffers = _Buffers(comm.device)
         self.failure: RankFailure | None = None
@@ -36,16 +46,91 @@ class Exchange:
         self._filled: dict[str, int] = {}  # elements written into each destination
 
     def run(self) -> RankFailure | None:
+        whole: list[Bucket] = []  # consecutive buckets every rank wants whole
         for bucket in self.plan.buckets:
             layouts = [payload_layout(bucket, b) for b in self.boxes]
             if all(p.box == p.slot.extent for pieces, _ in layouts for p in pieces):
-                self._broadcast(bucket)
-            elif self._each_reads_own(bucket, layouts):
+                whole.append(bucket)
+                continue
+            self._replicate(whole)
+            whole = []
+            if self._each_reads_own(bucket, layouts):
                 self._guard("read", self._read_own, bucket.file, layouts[self.comm.rank][0])
             else:
                 self._send_slices(bucket, layouts)
+        self._replicate(whole)
         self._guard("distribute", self._check_filled)
         return self.failure
+
+    def _replicate(self, run: list[Bucket]) -> None:
+        if self.window is not None:
+            self._through_window(run)
+        else:
+            for bucket in run:
+                self._broadcast(bucket)
+
+    def _through_window(self, run: list[Bucket]) -> None:
+        """Replicate ``run`` through each node's shared-memory window, a window of buckets at a
+        time (at most one per local rank, within half the window's bytes):
+
+        1. each bucket's reader reads it into its node's window — for the next window in a
+           thread, while this one is copied out;
+        2. it sends the bucket to one rank of every other node, which receives it into that
+           node's window (point to point over the backend; nothing to do on one node);
+        3. a barrier; then every rank copies every bucket of the window into its parameters.
+
+        The halves alternate: the reads of window k+1 start after barrier k, by which time every
+        rank has finished copying window k-1 out of that half. One collective per window.
+        """
+        windows = _windows(run, self.window.half_bytes, self.topology.max_local)
+        if not windows:
+            return
+        reads = self._start_reads(windows[0], self._windows_used % 2)
+        for i, (win, offsets) in enumerate(windows):
+            half = self._windows_used % 2
+            reads.join()
+            self._cross_nodes(win, offsets, half)
+            self.comm.barrier()
+            self._windows_used += 1
+            if i + 1 < len(windows):
+                reads = self._start_reads(windows[i + 1], self._windows_used % 2)
+            for bucket, offset in zip(win, offsets):
+                if bucket.owner != self.comm.rank:
+                    self.bytes_received += bucket.nbytes
+                view = self.window.area(half, offset, bucket.nbytes)
+                self._unpack(bucket.slots, [s.extent for s in bucket.slots], view, from_bucket=True)
+
+    def _start_reads(self, window: tuple[tuple[Bucket, ...], tuple[int, ...]],
+                     half: int) -> threading.Thread:
+        def read_mine() -> None:
+            for bucket, offset in zip(*window):
+                if bucket.owner == self.comm.rank:
+                    view = self.window.area(half, offset, bucket.nbytes)
+                    self._guard("read", self.reader.read, bucket, view)
+
+        thread = threading.Thread(target=read_mine, name="distshard-reader", daemon=True)
+        thread.start()
+        return thread
+
+    def _cross_nodes(self, win: tuple[Bucket, ...], offsets: tuple[int, ...], half: int) -> None:
+        """Each bucket's reader sends it to one rank of every other node (a different local rank
+        for each bucket of the window, so that receiving is spread too)."""
+        topo, me = self.topology, self.comm.rank
+        if topo.num_nodes == 1:
+            return
+        sends, recvs = [], []
+        for j, (bucket, offset) in enumerate(zip(win, offsets)):
+            view = self.window.area(half, offset, bucket.nbytes)
+            for node in range(topo.num_nodes):
+                if node == topo.node_of[bucket.owner]:
+                    continue
+                local = topo.ranks_on(node)
+                receiver = local[j % len(local)]
+                if me == bucket.owner:
+                    sends.append((view, receiver))
+                elif me == receiver:
+                    recvs.append((view, bucket.owner))
+        self.comm.exchange(sends, recvs)
 
     def _fill(self, key: str, box) -> None:
         self._filled[key] = self._filled.get(key, 0) + _numel(box[1])
@@ -197,6 +282,24 @@ class Exchange:
             return None
         rows = dest[slot.row:slot.row + slot.shape[0]] if slot.shape else dest
         return rows.reshape(-1).view(torch.uint8)
+
+
+def _windows(run: list[Bucket], half_bytes: int,
+             most: int) -> list[tuple[tuple[Bucket, ...], tuple[int, ...]]]:
+    """Cut ``run`` into windows of at most ``most`` buckets and ``half_bytes`` bytes; each window
+    comes with its buckets' offsets in the half (aligned, like slots in a bucket)."""
+    out, win, offsets, end = [], [], [], 0
+    for bucket in run:
+        offset = align(end)
+        if win and (len(win) == most or offset + bucket.nbytes > half_bytes):
+            out.append((tuple(win), tuple(offsets)))
+            win, offsets, offset = [], [], 0
+        win.append(bucket)
+        offsets.append(offset)
+        end = offset + bucket.nbytes
+    if win:
+        out.append((tuple(win), tuple(offsets)))
+    return out
 
 
 def _single_contiguous(pieces: tuple[Piece, ...], full: torch.Tensor) -> torch.Tensor | None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -19,9 +20,11 @@ from .distribute import Exchange
 from .errors import DistShardError
 from .index import describe_file, find_checkpoint
 from .materialize import ModelTargets
-from .plan import LoadPlan, make_plan
+from .plan import LoadPlan, align, make_plan
 from .reader import ShardReader
 from .report import LoadReport, PeakMemorySampler
+from .shm import SHM_DIR, NodeWindow
+from .topology import Topology, node_key, node_name
 from .validate import match_checkpoint
 
 __all__ = ["DEFAULT_BUCKET_SIZE", "LoadOptions", "load"]
@@ -46,6 +49,7 @@ class LoadOptions:
     read_own_slices: bool = True
     timeout: timedelta = DEFAULT_TIMEOUT
     log_summary: bool = True
+    shared_memory: bool | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.timeout, (int, float)):
@@ -72,6 +76,7 @@ class _Outcome:
     loaded_keys: tuple[str, ...]
     missing_keys: tuple[str, ...]
     unexpected_keys: tuple[str, ...]
+    token: str  # names this load's shared-memory windows
 
 
 def load(
@@ -86,6 +91,7 @@ def load(
     read_own_slices: bool = True,
     timeout: timedelta | float = DEFAULT_TIMEOUT,
     log_summary: bool = True,
+    shared_memory: bool | None = None,
 ) -> LoadReport:
     """Load ``checkpoint`` into ``model`` on every rank of ``group``, each byte read by one rank.
 
@@ -100,19 +106,26 @@ def load(
     Any failure on any rank raises the same :class:`DistShardError` on every rank, and the model
     is then left unchanged; a rank that dies or stalls makes the others raise once ``timeout``
     passes without its answer (gloo; on nccl the group's own timeout applies).
+
+    Ranks on one node (see :mod:`distshard.topology`) pass whole tensors to each other through a
+    shared-memory window in ``/dev/shm`` of two buckets per local rank, when the group is on the
+    CPU (gloo). ``shared_memory=None`` uses it where it works and falls back to the backend's
+    broadcast otherwise; ``True`` requires it; ``False`` never uses it.
     """
     options = LoadOptions(device=device, dtype=dtype, strict=strict, bucket_size=bucket_size,
                           read_own_slices=read_own_slices, timeout=timeout,
-                          log_summary=log_summary)
+                          log_summary=log_summary, shared_memory=shared_memory)
     comm = Comm(group, options.timeout)
     target_device = options.device or comm.device
     started = time.perf_counter()
     with PeakMemorySampler() as memory:
         try:
-            targets, outcome = _plan(model, checkpoint, comm, options)
-            dests = _allocate(targets, outcome.plan, comm, target_device)
-            exchange = _distribute(targets, outcome, dests, comm, options)
+            targets, outcome, topology = _plan(model, checkpoint, comm, options)
+            dests, window = _allocate(targets, outcome, topology, comm, target_device, options)
+            exchange = _distribute(targets, outcome, dests, comm, options, window, topology)
+            del window
             stats = _prepare_commit(targets, outcome, comm, exchange, memory)
+            exchange.window = None  # unmap the staging window before the model is committed
         except DistShardError:
             raise
         except Exception as e:  # a collective broke: a peer exited or the group timed out
@@ -134,8 +147,10 @@ def load(
     return report
 
 
-def _plan(model, checkpoint, comm: Comm, options: LoadOptions) -> tuple[ModelTargets, _Outcome]:
-    """Every rank inspects its model; rank 0 validates the checkpoint and plans; all agree."""
+def _plan(model, checkpoint, comm: Comm,
+          options: LoadOptions) -> tuple[ModelTargets, _Outcome, Topology]:
+    """Every rank inspects its model and names its node; rank 0 validates the checkpoint and
+    plans; all agree."""
     failure, targets, outcome, signature = None, None, None, 0
     try:
         _faults.check("validate", comm.rank)
@@ -145,13 +160,14 @@ def _plan(model, checkpoint, comm: Comm, options: LoadOptions) -> tuple[ModelTar
             outcome = _validate_and_plan(checkpoint, targets, comm.world_size, options)
     except Exception as e:
         failure = failure_of(e, comm.rank, "validate")
-    signatures = [row[0] for row in comm.agree(failure, [signature])]
+    rows = comm.agree(failure, [signature, node_key(node_name())])
+    signatures = [row[0] for row in rows]
     differ = [r for r, s in enumerate(signatures) if s != signatures[0]]
     if differ:
         raise DistShardError(
             f"distshard: the model on rank(s) {differ} differs from rank 0's (parameter names, "
             "shapes or dtypes); every rank must build the same model before calling load")
-    return targets, comm.broadcast_object(outcome)
+    return targets, comm.broadcast_object(outcome), Topology.from_keys([row[1] for row in rows])
 
 
 def _validate_and_plan(checkpoint, targets: ModelTargets, world_size: int,
@@ -160,27 +176,72 @@ def _validate_and_plan(checkpoint, targets: ModelTargets, world_size: int,
     files = [describe_file(ckpt.root, name, ckpt.kind) for name in ckpt.files]
     match = match_checkpoint(files, ckpt.weight_map, targets.specs(), strict=options.strict)
     plan = make_plan(match.files, world_size, options.bucket_size)
-    return _Outcome(ckpt.root, plan, match.loaded_keys, match.missing_keys, match.unexpected_keys)
+    return _Outcome(ckpt.root, plan, match.loaded_keys, match.missing_keys, match.unexpected_keys,
+                    secrets.token_hex(8))
 
 
-def _allocate(targets: ModelTargets, plan: LoadPlan, comm: Comm,
-              device: torch.device) -> dict[str, torch.Tensor]:
-    failure, dests = None, None
+def _allocate(targets: ModelTargets, outcome: _Outcome, topology: Topology, comm: Comm,
+              device: torch.device, options: LoadOptions
+              ) -> tuple[dict[str, torch.Tensor], NodeWindow | None]:
+    """Allocate the destinations and open this node's staging window; agree that every rank
+    of each node mapped the same window (else every rank goes without one)."""
+    failure, dests, window, problem = None, None, None, None
+    nonce = int(outcome.token, 16) >> 1
     try:
         _faults.check("plan", comm.rank)
-        dests = targets.allocate(plan, device)
+        dests = targets.allocate(outcome.plan, device)
+        if _wants_window(comm, options):
+            try:
+                node = topology.node_of[comm.rank]
+                window = NodeWindow(outcome.token, node, _half_window(outcome.plan, topology),
+                                    len(topology.ranks_on(node)))
+                window.sign(topology.local_index(comm.rank), nonce)
+            except OSError as e:
+                problem = f"cannot create a window in {SHM_DIR} on rank {comm.rank}: {e}"
     except Exception as e:
         failure = failure_of(e, comm.rank, "plan")
-    comm.agree(failure, [])
-    return dests
+    try:
+        comm.agree(failure, [])
+        if window is not None and not window.shared_by_all(nonce):
+            problem = (f"rank {comm.rank} does not share {window.path} with the ranks named as "
+                       f"its node's ({node_name()}); set DISTSHARD_NODE to tell nodes apart")
+        ok = comm.agree(None, [problem is None])
+    finally:
+        if window is not None:
+            window.unlink()
+    if all(row[0] for row in ok):
+        return dests, window
+    if options.shared_memory:
+        problems = [p for p in comm.all_gather_object(problem) if p is not None]
+        raise DistShardError("distshard: shared_memory=True, but " + "; ".join(problems))
+    if problem is not None:
+        logger.warning("distshard: %s; exchanging through the backend instead", problem)
+    return dests, None
+
+
+def _wants_window(comm: Comm, options: LoadOptions) -> bool:
+    if options.shared_memory is False or comm.world_size == 1:
+        return False
+    if comm.device.type != "cpu":
+        if options.shared_memory:
+            raise ValueError("shared_memory=True needs a CPU process group (gloo)")
+        return False
+    return True
+
+
+def _half_window(plan: LoadPlan, topology: Topology) -> int:
+    """One bucket per local rank, and room for the largest bucket."""
+    largest = max((b.nbytes for b in plan.buckets), default=0)
+    return max(topology.max_local * align(plan.bucket_size), align(largest))
 
 
 def _distribute(targets: ModelTargets, outcome: _Outcome, dests, comm: Comm,
-                options: LoadOptions) -> Exchange:
+                options: LoadOptions, window: NodeWindow | None, topology: Topology) -> Exchange:
     """Read and distribute every bucket; every rank then agrees on the outcome."""
     boxes = comm.all_gather_object(targets.boxes()) if targets.has_dtensors else None
     exchange = Exchange(comm, outcome.plan, ShardReader(outcome.root, outcome.plan), dests, boxes,
-                        read_own_slices=options.read_own_slices)
+                        read_own_slices=options.read_own_slices, window=window,
+                        topology=topology)
     try:
         failure = exchange.run()
     finally:

@@ -22,10 +22,12 @@ __all__ = [
     "Piece",
     "PlannedFile",
     "Slot",
+    "align",
     "assign_ranges",
     "intersect",
     "make_plan",
     "payload_layout",
+    "scaled_bucket_size",
 ]
 
 # The part of a tensor one rank keeps: (global offset, local shape) per dimension. A plain tensor's
@@ -115,6 +117,25 @@ def assign_ranges(nbytes: Sequence[int], world_size: int) -> list[int]:
     return owners
 
 
+# A small checkpoint still gets a few buckets per rank (balance within a bucket, reads that
+# overlap the exchange), but no bucket so small that per-bucket overheads dominate.
+BUCKETS_PER_RANK = 4
+MIN_BUCKET = 1 << 20
+
+
+def scaled_bucket_size(bucket_size: int, total: int, world_size: int) -> int:
+    """``bucket_size``, or less where the checkpoint would give a rank fewer than
+    :data:`BUCKETS_PER_RANK` buckets (never below :data:`MIN_BUCKET` on that account).
+
+    >>> scaled_bucket_size(64 << 20, 168 << 20, 4) >> 20, scaled_bucket_size(64 << 20, 8 << 30, 4) >> 20
+    (10, 64)
+    >>> scaled_bucket_size(8192, 1 << 30, 2), scaled_bucket_size(64 << 20, 1000, 2) >> 20
+    (8192, 1)
+    """
+    share = -(-total // (world_size * BUCKETS_PER_RANK))
+    return min(bucket_size, max(MIN_BUCKET, share))
+
+
 def make_plan(files: Sequence[FileInfo], world_size: int, bucket_size: int) -> LoadPlan:
     """Plan the load of the tensors listed in ``files`` (only those the model needs).
 
@@ -124,10 +145,13 @@ def make_plan(files: Sequence[FileInfo], world_size: int, bucket_size: int) -> L
     unless a single row does. Ranks read byte ranges, not whole files: the buckets of all files,
     in file order, are cut into one stretch per rank (:func:`assign_ranges`), so even a
     single-file checkpoint is shared evenly. Buckets of different ranks are interleaved so that
-    reads spread over ranks.
+    reads spread over ranks. ``bucket_size`` is an upper bound: a small checkpoint gets smaller
+    buckets (:func:`scaled_bucket_size`), recorded in the plan.
     """
     if bucket_size < 1:
         raise ValueError(f"bucket_size must be positive, got {bucket_size}")
+    total = sum(t.nbytes for f in files for t in f.tensors.values())
+    bucket_size = scaled_bucket_size(bucket_size, total, world_size)
     ordered = sorted(files, key=lambda f: f.name)
     tape = [b for f in ordered for b in _pack(f, 0, bucket_size)]
     owners = assign_ranges([sum(s.nbytes for s in b.slots) for b in tape], world_size)
@@ -150,7 +174,7 @@ def _pack(f: FileInfo, owner: int, bucket_size: int) -> list[Bucket]:
                 slots, end = [], 0
             buckets.extend(Bucket(owner, f.name, s.nbytes, (s,)) for s in _row_runs(key, t, bucket_size))
             continue
-        offset = _align(end)
+        offset = align(end)
         if slots and offset + t.nbytes > bucket_size:
             buckets.append(Bucket(owner, f.name, end, tuple(slots)))
             slots, offset = [], 0
@@ -199,7 +223,7 @@ def payload_layout(bucket: Bucket, boxes: Mapping[str, Box]) -> tuple[tuple[Piec
         numel = 1
         for size in box[1]:
             numel *= size
-        offset = _align(end)
+        offset = align(end)
         pieces.append(Piece(slot, box, offset, numel * slot.dtype.itemsize))
         end = offset + pieces[-1].nbytes
     return tuple(pieces), end
@@ -216,7 +240,8 @@ def intersect(a: Box, b: Box) -> Box:
     return lo, tuple(max(0, h - low) for low, h in zip(lo, hi))
 
 
-def _align(n: int) -> int:
+def align(n: int) -> int:
+    """``n`` rounded up to a multiple of :data:`ALIGN`."""
     return (n + ALIGN - 1) // ALIGN * ALIGN
 
 
