@@ -192,29 +192,83 @@ def describe_file(root: str, name: str, kind: str) -> FileInfo:
     return FileInfo(name=name, kind=kind, size=st.st_size, mtime_ns=st.st_mtime_ns, tensors=tensors)
 
 
-def _safetensors_header(path: str, name: str) -> dict[str, TensorInfo]:
-    from safetensors import safe_open
+# safetensors' own cap on the header length.
+MAX_HEADER_BYTES = 100_000_000
 
-    try:  # the library's own validation: sizes, dtypes, offsets, overlaps, header cap
-        with safe_open(path, framework="pt") as f:
-            keys = set(f.keys())
-    except Exception as e:  # safetensors raises its own SafetensorError / OSError types
-        raise DistShardError(f"file {name!r} is not a valid safetensors file: {e}", file=name) from None
-    with open(path, "rb") as f:
-        (header_len,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(header_len))
+
+def _safetensors_header(path: str, name: str) -> dict[str, TensorInfo]:
+    """Parse and check a safetensors header by the format's rules: a little-endian u64 length,
+    that many bytes of a JSON object mapping keys to ``{dtype, shape, data_offsets}`` (plus an
+    optional ``__metadata__`` of strings), and tensor data that tiles the rest of the file exactly,
+    with no gap and no overlap. Reads the header only: opening the file with safetensors maps it,
+    and the kernel's read-ahead then pulls megabytes of tensor data that another rank owns."""
+
+    def bad(why: str, key: str | None = None) -> DistShardError:
+        return DistShardError(f"file {name!r} is not a valid safetensors file: {why}",
+                              file=name, key=key)
+
+    with open(path, "rb", buffering=0) as f:
+        size = os.fstat(f.fileno()).st_size
+        head = f.read(8)
+        if len(head) < 8:
+            raise bad(f"it has {size} bytes, fewer than the 8 of the header length")
+        (header_len,) = struct.unpack("<Q", head)
+        if header_len > MAX_HEADER_BYTES:
+            raise bad(f"header length {header_len} exceeds the {MAX_HEADER_BYTES} byte cap")
+        if 8 + header_len > size:
+            raise bad(f"header length {header_len} runs past the end of the file ({size} bytes)")
+        raw = f.read(header_len)
+    try:
+        header = json.loads(raw)
+    except ValueError as e:  # UnicodeDecodeError is a ValueError too
+        raise bad(f"the header is not JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise bad("the header is not a JSON object")
+    metadata = header.pop("__metadata__", None)
+    if metadata is not None and not (isinstance(metadata, dict) and all(
+            isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())):
+        raise bad("__metadata__ is not a map of strings to strings")
     data_start = 8 + header_len
-    tensors = {}
-    for key in keys:
-        entry = header[key]
-        dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
-        if dtype is None:
-            raise DistShardError(
-                f"file {name!r} holds key {key!r} with dtype {entry['dtype']} that distshard "
-                f"does not load", file=name, key=key)
-        begin, _ = entry["data_offsets"]
-        tensors[key] = TensorInfo(dtype=dtype, shape=tuple(entry["shape"]), begin=data_start + begin)
+    tensors, spans = {}, []
+    for key, entry in header.items():
+        dtype, shape, (begin, end) = _header_entry(key, entry, bad)
+        numel = 1
+        for n in shape:
+            numel *= n
+        if end - begin != numel * dtype.itemsize:
+            raise bad(f"key {key!r} has {end - begin} bytes, but shape {list(shape)} of "
+                      f"{dtype} needs {numel * dtype.itemsize}", key)
+        spans.append((begin, end, key))
+        tensors[key] = TensorInfo(dtype=dtype, shape=shape, begin=data_start + begin)
+    position = 0
+    for begin, end, key in sorted(spans):
+        if begin != position:
+            raise bad(f"key {key!r} starts at data byte {begin}, expected {position} "
+                      f"(tensors overlap or leave a gap)", key)
+        position = end
+    if position != size - data_start:
+        raise bad(f"tensor data ends at byte {position}, but the file holds "
+                  f"{size - data_start} bytes of data")
     return tensors
+
+
+def _header_entry(key: str, entry, bad) -> tuple[torch.dtype, tuple[int, ...], tuple[int, int]]:
+    def is_count(x) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+    if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+        raise bad(f"key {key!r} is not an entry of dtype, shape and data_offsets", key)
+    dtype = SAFETENSORS_DTYPES.get(entry["dtype"]) if isinstance(entry["dtype"], str) else None
+    if dtype is None:
+        raise bad(f"key {key!r} has dtype {entry['dtype']!r}, which is unknown or one "
+                  "distshard does not load", key)
+    shape, offsets = entry["shape"], entry["data_offsets"]
+    if not isinstance(shape, list) or not all(is_count(n) for n in shape):
+        raise bad(f"key {key!r} has shape {shape!r}, not a list of sizes", key)
+    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(is_count(n) for n in offsets)
+            or offsets[0] > offsets[1]):
+        raise bad(f"key {key!r} has data_offsets {offsets!r}, not [begin, end]", key)
+    return dtype, tuple(shape), (offsets[0], offsets[1])
 
 
 def _bin_header(path: str, name: str) -> dict[str, TensorInfo]:

@@ -79,6 +79,9 @@ class ShardReader:
                 f"file {f.name!r} changed after it was planned (size {f.size} -> {st.st_size}, "
                 f"mtime {f.mtime_ns} -> {st.st_mtime_ns}); do not rewrite a checkpoint while it "
                 f"is being loaded", file=f.name)
+        # Reads are large and exact: kernel read-ahead (often megabytes) would only pull in
+        # bytes past this rank's stretch, which another rank reads -- on another node, twice.
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
         self._fd, self._name = fd, f.name
         if f.name not in self.files_read:
             self.files_read.append(f.name)
