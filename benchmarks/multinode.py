@@ -42,7 +42,6 @@ LOADERS = ["distshard", "transformers", "accelerate", "rank0-bcast", "dcp"]
 def worker(loader: str, mode: str, ckpt: str, out: str) -> None:
     """One rank, under torchrun: load, touch, report to ``out/rank<R>.json``."""
     import torch.distributed as dist
-
     from compare import _rank
 
     dist.init_process_group("gloo")

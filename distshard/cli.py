@@ -1,0 +1,178 @@
+"""``distshard inspect | plan | verify``: look at a checkpoint before a job loads it.
+
+Every command prints for a person, or with ``--json`` one JSON object for a program, and exits
+non-zero with the reason when the checkpoint is not valid (status 2 for bad usage, as argparse).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+
+from .errors import DistShardError
+from .index import FileInfo, describe_file, find_checkpoint
+from .loader import DEFAULT_BUCKET_SIZE
+from .plan import make_plan
+from .validate import TargetSpec, match_checkpoint
+
+__all__ = ["main"]
+
+
+def _describe(path: str) -> tuple[object, list[FileInfo]]:
+    """Find the checkpoint, read and check every header, and check the index against them
+    (every key it names is in the file it names, no key in two files)."""
+    ckpt = find_checkpoint(path)
+    files = [describe_file(ckpt.root, name, ckpt.kind) for name in ckpt.files]
+    specs: dict[str, TargetSpec] = {}
+    for f in files:
+        for key, t in f.tensors.items():
+            specs.setdefault(key, TargetSpec((key,), t.shape, t.dtype))
+    match_checkpoint(files, ckpt.weight_map, list(specs.values()), strict=False)
+    return ckpt, files
+
+
+def _summary(ckpt, files: list[FileInfo]) -> dict:
+    tensors = [(key, f.name, t) for f in files for key, t in f.tensors.items()]
+    largest = max(tensors, key=lambda x: x[2].nbytes, default=None)
+    return dict(
+        checkpoint=ckpt.root, format=ckpt.kind,
+        layout="sharded" if ckpt.weight_map is not None else "single file",
+        files=[dict(name=f.name, bytes=f.size, tensors=len(f.tensors)) for f in files],
+        tensors=len(tensors),
+        dtypes=dict(Counter(str(t.dtype).removeprefix("torch.") for _, _, t in tensors)),
+        tensor_bytes=sum(t.nbytes for _, _, t in tensors),
+        file_bytes=sum(f.size for f in files),
+        largest=None if largest is None else dict(
+            key=largest[0], file=largest[1], shape=list(largest[2].shape),
+            dtype=str(largest[2].dtype).removeprefix("torch."), bytes=largest[2].nbytes),
+        consistent=True)
+
+
+def _inspect(args) -> dict:
+    return _summary(*_describe(args.checkpoint))
+
+
+def _plan(args) -> dict:
+    if args.world_size < 1 or args.nodes < 1 or args.world_size % args.nodes:
+        raise SystemExit(f"distshard plan: --world-size ({args.world_size}) must be a positive "
+                         f"multiple of --nodes ({args.nodes})")
+    ckpt, files = _describe(args.checkpoint)
+    plan = make_plan(files, args.world_size, args.bucket_size)
+    per_rank = plan.bytes_per_rank()
+    per_node_ranks = args.world_size // args.nodes
+    per_node = [sum(per_rank[n * per_node_ranks:(n + 1) * per_node_ranks]) for n in range(args.nodes)]
+    total = sum(per_rank)
+    mean = total / args.world_size if args.world_size else 0
+    return dict(
+        checkpoint=ckpt.root, world_size=args.world_size, nodes=args.nodes,
+        bucket_bytes=plan.bucket_size, buckets=len(plan.buckets),
+        ranks=[dict(rank=r, node=r // per_node_ranks, read_bytes=b,
+                    buckets=sum(1 for k in plan.buckets if k.owner == r),
+                    files=sorted({k.file for k in plan.buckets if k.owner == r}))
+               for r, b in enumerate(per_rank)],
+        node_read_bytes=per_node, total_bytes=total,
+        balance=max(per_rank) / mean if mean else 1.0,
+        replicated=dict(holds_per_rank=total, staging_per_rank=2 * plan.bucket_size),
+        sharded=dict(holds_per_rank=-(-total // args.world_size),
+                     staging_per_rank=2 * plan.bucket_size))
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb", buffering=0) as f:
+        buf = bytearray(8 << 20)
+        view = memoryview(buf)
+        while n := f.readinto(buf):
+            h.update(view[:n])  # hashlib releases the GIL on large updates: threads run in parallel
+    return h.hexdigest()
+
+
+def _verify(args) -> dict:
+    ckpt, files = _describe(args.checkpoint)
+    out = _summary(ckpt, files)
+    if args.hash:
+        paths = [os.path.join(ckpt.root, f.name) for f in files]
+        with ThreadPoolExecutor(max_workers=min(8, len(paths) or 1)) as pool:
+            for entry, digest in zip(out["files"], pool.map(_sha256, paths)):
+                entry["sha256"] = digest
+    return out
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
+def _print_summary(d: dict, verified: bool) -> None:
+    print(f"checkpoint  {d['checkpoint']}")
+    print(f"format      {d['format']}, {d['layout']}, {len(d['files'])} file(s), "
+          f"{_gb(d['file_bytes'])} on disk")
+    dtypes = ", ".join(f"{k} {v}" for k, v in sorted(d["dtypes"].items()))
+    print(f"tensors     {d['tensors']} ({dtypes}), {_gb(d['tensor_bytes'])}")
+    if d["largest"]:
+        g = d["largest"]
+        print(f"largest     {g['key']} {g['shape']} {g['dtype']}, {_gb(g['bytes'])} in {g['file']}")
+    print("consistent  " + ("the index and every file header agree" if d["layout"] == "sharded"
+                            else "the file's header is valid"))
+    if verified:
+        for f in d["files"]:
+            digest = f"  sha256 {f['sha256']}" if "sha256" in f else ""
+            print(f"  ok  {f['name']}  {_gb(f['bytes'])}, {f['tensors']} tensors{digest}")
+
+
+def _print_plan(d: dict) -> None:
+    print(f"plan for {d['world_size']} rank(s) on {d['nodes']} node(s): {d['buckets']} buckets "
+          f"of up to {_gb(d['bucket_bytes'])}, each byte read once per job")
+    print(f"{'rank':>4} {'node':>4} {'reads':>10} {'buckets':>7}  files")
+    for r in d["ranks"]:
+        print(f"{r['rank']:>4} {r['node']:>4} {_gb(r['read_bytes']):>10} {r['buckets']:>7}  "
+              f"{', '.join(r['files'])}")
+    print("per node    " + ", ".join(f"node {n}: {_gb(b)}" for n, b in enumerate(d["node_read_bytes"])))
+    print(f"balance     heaviest rank reads {d['balance']:.2f} x the mean")
+    print(f"replicated  each rank holds {_gb(d['replicated']['holds_per_rank'])} "
+          f"+ at most {_gb(d['replicated']['staging_per_rank'])} staging")
+    print(f"sharded     each rank holds about {_gb(d['sharded']['holds_per_rank'])} "
+          f"+ at most {_gb(d['sharded']['staging_per_rank'])} staging")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="distshard", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, text in (("inspect", "format, files, tensors, dtypes, sizes; checks the index"),
+                       ("plan", "who reads what with N ranks on M nodes"),
+                       ("verify", "check every header and the index; --hash adds sha256")):
+        c = sub.add_parser(name, help=text, description=text)
+        c.add_argument("checkpoint", help="checkpoint folder or file")
+        c.add_argument("--json", action="store_true", help="print one JSON object")
+        if name == "plan":
+            c.add_argument("--world-size", type=int, required=True)
+            c.add_argument("--nodes", type=int, default=1)
+            c.add_argument("--bucket-size", type=int, default=DEFAULT_BUCKET_SIZE,
+                           help="bytes (default %(default)s)")
+        if name == "verify":
+            c.add_argument("--hash", action="store_true", help="sha256 of every file, in parallel")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    run = {"inspect": _inspect, "plan": _plan, "verify": _verify}[args.command]
+    try:
+        result = run(args)
+    except DistShardError as e:
+        if args.json:
+            print(json.dumps(dict(valid=False, error=str(e), file=e.file, key=e.key)))
+        else:
+            print(f"distshard {args.command}: invalid checkpoint: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(dict(result, valid=True), indent=1))
+    elif args.command == "plan":
+        _print_plan(result)
+    else:
+        _print_summary(result, verified=args.command == "verify")
+    return 0

@@ -1,0 +1,111 @@
+"""The command line: inspect, plan and verify, for people and (``--json``) for programs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+from corpus import CASES as BAD
+from corpus import slug, write_corpus
+from safetensors import safe_open
+
+from distshard.cli import main
+
+
+def run_json(capsys, *argv: str) -> tuple[int, dict]:
+    code = main([*argv, "--json"])
+    return code, json.loads(capsys.readouterr().out)
+
+
+def _header_keys(folder: str) -> dict[str, tuple]:
+    out = {}
+    for name in os.listdir(folder):
+        if name.endswith(".safetensors"):
+            with safe_open(os.path.join(folder, name), framework="pt") as f:
+                for key in f.keys():
+                    out[key] = tuple(f.get_slice(key).get_shape())
+    return out
+
+
+@pytest.mark.parametrize("case", ["llama", "gpt2", "llama-single", "llama-bin", "gpt2-single-bin"])
+def test_inspect_reports_what_the_files_hold(checkpoints, capsys, case):
+    code, d = run_json(capsys, "inspect", checkpoints[case])
+    assert code == 0 and d["valid"] and d["consistent"]
+    assert d["format"] == ("bin" if "bin" in case else "safetensors")
+    assert d["layout"] == ("single file" if "single" in case else "sharded")
+    files = sorted(f for f in os.listdir(checkpoints[case]) if f.endswith((".bin", ".safetensors")))
+    assert sorted(f["name"] for f in d["files"]) == files
+    assert d["file_bytes"] == sum(os.path.getsize(os.path.join(checkpoints[case], f)) for f in files)
+    if d["format"] == "safetensors":
+        shapes = _header_keys(checkpoints[case])
+        assert d["tensors"] == len(shapes)
+        largest = max(shapes.items(), key=lambda kv: kv[1][0] * (kv[1][1] if len(kv[1]) > 1 else 1))
+        assert tuple(d["largest"]["shape"]) == largest[1]
+    assert main(["inspect", checkpoints[case]]) == 0
+    assert "consistent" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def corpus_root(tmp_path_factory) -> str:
+    return write_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+# The corpus cases that are wrong in themselves (not only against some model).
+STRUCTURAL = [n for n, c in BAD.items() if c.error and c.file and c.after_plan is None
+              and "mismatch" not in c.error and "keys" not in c.error]
+
+
+@pytest.mark.parametrize("name", STRUCTURAL)
+def test_inspect_and_verify_refuse_a_bad_checkpoint_with_the_reason(corpus_root, capsys, name):
+    case = BAD[name]
+    path = os.path.join(corpus_root, slug(name))
+    for command in ("inspect", "verify"):
+        code, d = run_json(capsys, command, path)
+        assert code == 1 and not d["valid"], d
+        assert case.file in d["error"] and d["file"] is not None, d
+        assert main([command, path]) == 1
+        assert "invalid checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("world_size,nodes", [(1, 1), (4, 2), (6, 3)])
+def test_plan_reads_every_byte_once_balanced_by_bytes(checkpoints, capsys, world_size, nodes):
+    _, info = run_json(capsys, "inspect", checkpoints["llama"])
+    code, d = run_json(capsys, "plan", checkpoints["llama"], "--world-size", str(world_size),
+                       "--nodes", str(nodes), "--bucket-size", "8192")
+    assert code == 0
+    reads = [r["read_bytes"] for r in d["ranks"]]
+    assert sum(reads) == d["total_bytes"] == info["tensor_bytes"]
+    assert sum(d["node_read_bytes"]) == d["total_bytes"] and len(d["node_read_bytes"]) == nodes
+    assert max(reads) <= d["total_bytes"] / world_size + d["bucket_bytes"]
+    assert d["sharded"]["holds_per_rank"] * world_size >= d["total_bytes"]
+
+
+def test_plan_refuses_ranks_that_do_not_divide_into_nodes(checkpoints):
+    with pytest.raises(SystemExit, match="multiple of --nodes"):
+        main(["plan", checkpoints["llama"], "--world-size", "3", "--nodes", "2"])
+
+
+def test_verify_hashes_every_file(checkpoints, capsys):
+    folder = checkpoints["llama"]
+    code, d = run_json(capsys, "verify", "--hash", folder)
+    assert code == 0
+    for f in d["files"]:
+        with open(os.path.join(folder, f["name"]), "rb") as fh:
+            assert f["sha256"] == hashlib.sha256(fh.read()).hexdigest()
+
+
+def test_console_script_and_module_entry_points(checkpoints):
+    commands = [[sys.executable, "-m", "distshard"]]
+    script = shutil.which("distshard", path=os.path.dirname(sys.executable))
+    assert script, "the distshard console script is not installed beside this python"
+    commands.append([script])
+    for command in commands:
+        proc = subprocess.run([*command, "inspect", checkpoints["gpt2"], "--json"],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads(proc.stdout)["format"] == "safetensors"
