@@ -91,7 +91,7 @@ def chart(rows: list[dict], path: str, title: str) -> None:
     axes[1].set_xticklabels([f"{s}\n{m}\n{n} ranks" for s, m, n in groups])
     fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=len(loaders),
                fontsize="small")
-    axes[0].set_title(title)
+    axes[0].set_title(title, fontsize="medium")
     fig.tight_layout(rect=(0, 0.05, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
