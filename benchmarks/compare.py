@@ -35,7 +35,15 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from harness import HEADER, SIZES, chart, evict, finish_block, sample_checkpoint  # noqa: E402
+from harness import (  # noqa: E402
+    HEADER,
+    SIZES,
+    chart,
+    evict,
+    finish_block,
+    measure,
+    sample_checkpoint,
+)
 
 LOADERS = ["distshard", "transformers", "accelerate", "rank0-bcast", "dcp"]
 
@@ -188,7 +196,6 @@ def bounds(ckpt: str, world_size: int) -> dict[str, float]:
 
 
 def main() -> int:
-    import psutil
 
     from distshard.testing import run_ranks
 
@@ -216,19 +223,9 @@ def main() -> int:
             block = []
             for loader in args.loaders:
                 evict(ckpt)
-                before = psutil.disk_io_counters().read_bytes
                 row = dict(scenario="S1", mode=mode, ranks=n, loader=loader)
-                try:
-                    res = run_ranks(_rank, n, loader, ckpt, mode == "sharded", timeout=1200)
-                except Exception as e:  # a peer that cannot do this case is reported, not fatal
-                    block.append(dict(row, error=str(e)[-300:]))
-                    continue
-                block.append(dict(row, seconds=max(r["seconds"] for r in res),
-                                  peak=max(r["peak"] for r in res),
-                                  disk=psutil.disk_io_counters().read_bytes - before,
-                                  rank_read=max(r["rank_read"] for r in res),
-                                  write_seconds=max(r["write_seconds"] for r in res),
-                                  checksum=res[0]["checksum"]))
+                block.append(measure(row, lambda: run_ranks(
+                    _rank, n, loader, ckpt, mode == "sharded", timeout=1200)))
             finish_block(block, size / limits[n]["disk"])
             rows += block
     if args.chart:

@@ -10,7 +10,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from common import SIZES, write_sample  # noqa: E402
 
-__all__ = ["HEADER", "SIZES", "chart", "evict", "finish_block", "sample_checkpoint"]
+__all__ = ["HEADER", "SIZES", "chart", "evict", "finish_block", "measure", "sample_checkpoint"]
 
 
 def sample_checkpoint(path: str | None, size: str) -> str:
@@ -40,6 +40,22 @@ def evict(folder: str) -> None:
 HEADER = (f"{'scenario':<9} {'mode':<10} {'ranks':>5} {'loader':<13} {'time s':>7} "
           f"{'x fastest peer':>14} {'x bound':>7} {'peak MB/rank':>12} {'disk MB':>8} "
           f"{'max rank MB':>11} {'write s':>7} {'checksum':>14}")
+
+
+def measure(row: dict, job) -> dict:
+    """Run ``job()`` (a loader on every rank; returns each rank's figures) and fold the figures
+    into ``row``: the slowest rank's time, the largest peak, the disk's reads during the job."""
+    import psutil
+
+    before = psutil.disk_io_counters().read_bytes
+    try:
+        res = job()
+    except Exception as e:  # a peer that cannot do this case is reported, not fatal
+        return dict(row, error=str(e)[-300:])
+    return dict(row, seconds=max(r["seconds"] for r in res), peak=max(r["peak"] for r in res),
+                disk=psutil.disk_io_counters().read_bytes - before,
+                rank_read=max(r["rank_read"] for r in res),
+                write_seconds=max(r["write_seconds"] for r in res), checksum=res[0]["checksum"])
 
 
 def finish_block(block: list[dict], bound_seconds: float) -> None:

@@ -34,7 +34,15 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from harness import HEADER, SIZES, chart, evict, finish_block, sample_checkpoint  # noqa: E402
+from harness import (  # noqa: E402
+    HEADER,
+    SIZES,
+    chart,
+    evict,
+    finish_block,
+    measure,
+    sample_checkpoint,
+)
 
 LOADERS = ["distshard", "transformers", "accelerate", "rank0-bcast", "dcp"]
 
@@ -173,7 +181,6 @@ def why_not() -> str | None:
 
 
 def main() -> int:
-    import psutil
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint")
@@ -220,20 +227,9 @@ def main() -> int:
             for loader in args.loaders:
                 for copy in copies:
                     evict(copy)
-                before = psutil.disk_io_counters().read_bytes
                 row = dict(scenario="S2", mode=mode, ranks=world, loader=loader)
-                try:
-                    res = run_job(loader, mode, copies, mount, args.ranks_per_node, cap,
-                                  args.timeout)
-                except Exception as e:  # a peer that cannot do this case is reported, not fatal
-                    block.append(dict(row, error=str(e)[-300:]))
-                    continue
-                block.append(dict(row, seconds=max(r["seconds"] for r in res),
-                                  peak=max(r["peak"] for r in res),
-                                  disk=psutil.disk_io_counters().read_bytes - before,
-                                  rank_read=max(r["rank_read"] for r in res),
-                                  write_seconds=max(r["write_seconds"] for r in res),
-                                  checksum=res[0]["checksum"]))
+                block.append(measure(row, lambda: run_job(
+                    loader, mode, copies, mount, args.ranks_per_node, cap, args.timeout)))
             finish_block(block, bound)
             rows += block
     finally:

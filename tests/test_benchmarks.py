@@ -34,3 +34,23 @@ def test_compare_runs_and_every_loader_agrees(tmp_path):
 def test_sharded_load_runs_within_its_memory_bound(tmp_path):
     out = run("sharded_load.py", tmp_path, "--size", "tiny", "--ranks", "2", "--repeats", "1")
     assert "every rank within its memory bound" in out
+
+
+def test_multinode_runs_where_allowed_and_every_loader_agrees(tmp_path):
+    sys.path.insert(0, str(BENCHMARKS))
+    from multinode import why_not
+
+    reason = why_not()
+    if reason:
+        pytest.skip(f"S2 needs what this machine does not allow: {reason}")
+    out = run("multinode.py", tmp_path, "--size", "tiny", "--cap-mbps", "400", "--loaders",
+              "distshard", "transformers", "--json", str(tmp_path / "s2.json"),
+              "--chart", str(tmp_path / "s2.png"))
+    if "S2 skipped" in out:
+        pytest.skip(out.strip())
+    rows = json.loads((tmp_path / "s2.json").read_text())["rows"]
+    assert [(r["mode"], r["loader"]) for r in rows] == [
+        ("replicated", "distshard"), ("replicated", "transformers"),
+        ("sharded", "distshard"), ("sharded", "transformers")], out
+    assert len({round(r["checksum"], 3) for r in rows}) == 1, out
+    assert (tmp_path / "s2.png").stat().st_size > 0
