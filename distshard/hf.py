@@ -108,7 +108,7 @@ def _timeout(value) -> timedelta:
     return value if isinstance(value, timedelta) else timedelta(seconds=float(value))
 
 
-def config_folder(checkpoint: str | os.PathLike) -> str:
+def _config_folder(checkpoint: str | os.PathLike) -> str:
     """The folder holding ``config.json``: ``checkpoint`` itself, or the folder of a weights
     file. Raises :class:`DistShardError` naming the path when there is no local config."""
     path = os.fspath(checkpoint)
@@ -132,7 +132,7 @@ def _build(model_class, checkpoint, dtype, config) -> torch.nn.Module:
     real, weights tied."""
     from accelerate import init_empty_weights
 
-    folder = config_folder(checkpoint)
+    folder = _config_folder(checkpoint)
     if config is None:
         config_class = _config_class(model_class)
         config = config_class.from_pretrained(folder, local_files_only=True)
