@@ -1,4 +1,10 @@
-"""Run a function on N gloo ranks in spawned processes, for tests on CPU-only machines.
+"""Test distributed code on a CPU-only machine: N gloo ranks in spawned processes, small sharded
+checkpoints written the way users' tools write them, and a user's own torchrun script run with a
+deadline.
+
+Ranks in spawned processes
+--------------------------
+::
 
     from distshard.testing import run_ranks
 
@@ -6,29 +12,90 @@
         ...
         return something_picklable
 
-    results = run_ranks(body, 4, ckpt, timeout=120)
+    results = run_ranks(body, 4, ckpt, timeout=120)   # [rank 0's result, rank 1's, ...]
 
 Rendezvous is a file in a fresh temporary folder (no ports), every rank gets
 ``OMP_NUM_THREADS=1``, and a deadline kills every rank: a hang fails the test instead of
 stalling it. When ranks fail, :class:`RanksFailed` carries every failing rank's own traceback,
 not only a peer's "connection closed".
+
+In pytest: a decorator, and a fixture
+-------------------------------------
+Enable the plugin in your ``conftest.py`` (it is not registered globally)::
+
+    pytest_plugins = ["distshard.testing"]
+
+Then a module-level test function runs on every rank with ``@distributed``; its first two
+parameters are the rank and the world size, the others are pytest fixtures (their values must
+be picklable: each rank gets a copy)::
+
+    import torch, torch.distributed as dist
+    import distshard
+    from distshard.testing import distributed, write_checkpoint
+
+    @pytest.fixture
+    def checkpoint(tmp_path):
+        return write_checkpoint(MyModel(), tmp_path / "ckpt", max_shard_size="40KB")
+
+    @distributed(world_size=2, timeout=60)
+    def test_every_rank_gets_the_weights(rank, world_size, checkpoint):
+        with torch.device("meta"):
+            model = MyModel()
+        distshard.load(model, checkpoint)
+        total = model.head.weight.sum()
+        dist.all_reduce(total)
+        assert torch.equal(total, world_size * model.head.weight.sum())
+
+or call any module-level function through the ``dist_ranks`` fixture, which returns the ranks'
+results (its deadline defaults to the ini option ``distshard_timeout``, 120 s)::
+
+    def test_ranks_agree(dist_ranks):
+        assert dist_ranks(body, 3) == [0, 1, 2]
+
+Your own torchrun script
+------------------------
+:func:`run_torchrun` runs ``python -m torch.distributed.run --standalone --nproc-per-node N``
+on a script, in its own session, kills it and every worker at the deadline, and raises
+:class:`RanksFailed` with the output of each failing rank::
+
+    def test_train_script_loads_on_two_ranks(tmp_path):
+        ckpt = write_checkpoint(MyModel(), tmp_path / "ckpt")
+        result = run_torchrun("train.py", 2, "--checkpoint", ckpt, "--steps", "1", timeout=300)
+        assert "step 1 done" in result.stdout[0]
 """
 
 from __future__ import annotations
 
+import functools
+import importlib
+import importlib.util
+import inspect
+import json
 import os
+import re
 import shutil
+import signal
+import subprocess
+import sys
 import tempfile
 import time
 import traceback
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
+import psutil
+import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.distributed.tensor import DTensor
 
-__all__ = ["RanksFailed", "run_ranks"]
+__all__ = ["RanksFailed", "TorchrunResult", "distributed", "run_ranks", "run_torchrun",
+           "write_checkpoint"]
+
+DEFAULT_TIMEOUT = 120.0
 
 
 class RanksFailed(AssertionError):
@@ -41,7 +108,9 @@ class RanksFailed(AssertionError):
         self.results = results
 
 
-def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 120.0,
+# --- ranks in spawned processes -----------------------------------------------------------
+
+def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = DEFAULT_TIMEOUT,
               backend: str = "gloo", env: dict[str, str] | None = None) -> list[Any]:
     """Call ``fn(rank, world_size, *args)`` on ``world_size`` ranks; return their results in
     rank order. ``fn`` and ``args`` must be picklable; the process group is initialised before
@@ -91,8 +160,6 @@ def _collect(ctx, results, world_size: int, timeout: float) -> list[Any]:
 def _rank_main(rank, fn, world_size, args, rdzv_file, results, backend, timeout, env) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.update(env)
-    import torch
-
     torch.set_num_threads(1)
     try:
         dist.init_process_group(backend, init_method=f"file://{rdzv_file}", rank=rank,
@@ -104,3 +171,300 @@ def _rank_main(rank, fn, world_size, args, rdzv_file, results, backend, timeout,
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+# --- @distributed ---------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class _FunctionRef:
+    """How a spawned rank finds a module-level function: by module, name and file, rather than
+    by pickling it. A decorated test's name is bound to its runner, so pickle would hand the
+    rank the runner (which would spawn again); and a module that pytest imported from its path
+    (``--import-mode=importlib``) is not importable by name in a fresh process."""
+
+    module: str
+    qualname: str
+    file: str | None
+
+    @classmethod
+    def of(cls, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """A reference to ``fn`` when it is a module-level function; else ``fn`` itself."""
+        if not inspect.isfunction(fn) or "." in fn.__qualname__:
+            return fn
+        return cls(fn.__module__, fn.__qualname__, inspect.getsourcefile(fn))
+
+    def __call__(self, rank: int, world_size: int, *args: Any) -> Any:
+        try:
+            module = importlib.import_module(self.module)
+        except ImportError:
+            if self.file is None:
+                raise
+            spec = importlib.util.spec_from_file_location(self.module, self.file)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[self.module] = module
+            spec.loader.exec_module(module)
+        fn = getattr(module, self.qualname)
+        return getattr(fn, "__distshard_body__", fn)(rank, world_size, *args)
+
+
+def distributed(world_size: int = 2, *, timeout: float = DEFAULT_TIMEOUT, backend: str = "gloo",
+                env: dict[str, str] | None = None) -> Callable[[Callable[..., Any]], Callable[..., None]]:
+    """Run the decorated module-level test function on ``world_size`` spawned ranks.
+
+    The function takes ``(rank, world_size, *fixtures)``; pytest sees only the fixtures, and
+    their values are sent to every rank. The test fails with :class:`RanksFailed` (every
+    failing rank's traceback) when a rank raises or the ranks miss ``timeout`` seconds.
+    """
+    def decorate(fn: Callable[..., Any]) -> Callable[..., None]:
+        if not inspect.isfunction(fn) or "." in fn.__qualname__:
+            raise TypeError(f"@distributed needs a module-level function, which spawned ranks can "
+                            f"import by name; {getattr(fn, '__qualname__', fn)!r} is not one")
+        params = list(inspect.signature(fn).parameters.values())
+        if len(params) < 2 or any(p.kind not in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+                                  for p in params):
+            raise TypeError(f"@distributed: {fn.__qualname__} must take (rank, world_size, "
+                            "*fixtures) as plain positional parameters")
+        visible = inspect.Signature(params[2:])
+        ref = _FunctionRef.of(fn)
+
+        @functools.wraps(fn)
+        def runner(*args: Any, **kwargs: Any) -> None:
+            bound = visible.bind(*args, **kwargs)
+            run_ranks(ref, world_size, *bound.args, timeout=timeout, backend=backend, env=env)
+
+        runner.__signature__ = visible  # what pytest reads for fixtures
+        runner.__distshard_body__ = fn
+        return runner
+    return decorate
+
+
+# --- write_checkpoint -----------------------------------------------------------------------
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20,
+          "GIB": 2**30}
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes in ``size``, a count or a string with Hugging Face's units (KB = 1000 bytes).
+
+    >>> parse_size("40KB"), parse_size("1MiB"), parse_size(512)
+    (40000, 1048576, 512)
+    """
+    if isinstance(size, int) and size > 0:
+        return size
+    m = re.fullmatch(r"\s*(\d+)\s*([KMG]i?B|B)?\s*", str(size), re.IGNORECASE)
+    if m is None or int(m.group(1)) == 0:
+        raise ValueError(f"max_shard_size must be a positive byte count like 40KB, got {size!r}")
+    return int(m.group(1)) * _UNITS[(m.group(2) or "").upper()]
+
+
+def write_checkpoint(model: torch.nn.Module, directory: str | os.PathLike, *,
+                     max_shard_size: int | str = "40KB", format: str = "safetensors") -> str:
+    """Write ``model``'s state dict as a (sharded) Hugging Face checkpoint; return the folder.
+
+    A transformers model in safetensors is written by its own ``save_pretrained``. Anything
+    else, and every ``.bin`` checkpoint (transformers 5 no longer writes them), is written here
+    the way those tools did: shards of at most ``max_shard_size`` in state-dict order, named
+    ``model-00001-of-0000n.safetensors`` / ``pytorch_model-00001-of-0000n.bin`` with their
+    index json, or one ``model.safetensors`` / ``pytorch_model.bin`` when everything fits.
+    Tied weights: safetensors keeps the first name (the loader re-ties); a ``.bin`` keeps every
+    name, with tensors that share storage in one file, as ``torch.save`` of a state dict does.
+    The model must be unsharded and off the meta device.
+    """
+    if format not in ("safetensors", "bin"):
+        raise ValueError(f"format must be 'safetensors' or 'bin', got {format!r}")
+    limit = parse_size(max_shard_size)
+    path = Path(directory)
+    path.mkdir(parents=True, exist_ok=True)
+    config = getattr(model, "config", None)
+    if format == "safetensors" and callable(getattr(model, "save_pretrained", None)):
+        model.save_pretrained(path, max_shard_size=limit)
+        return str(path)
+    if config is not None and callable(getattr(config, "save_pretrained", None)):
+        config.save_pretrained(path)
+    groups = _storage_groups(model.state_dict(), dedupe=format == "safetensors")
+    shards = _split(groups, limit)
+    prefix, ext = ("model", "safetensors") if format == "safetensors" else ("pytorch_model", "bin")
+    names = ([f"{prefix}.{ext}"] if len(shards) == 1 else
+             [f"{prefix}-{i + 1:05d}-of-{len(shards):05d}.{ext}" for i in range(len(shards))])
+    for name, shard in zip(names, shards):
+        if format == "safetensors":
+            from safetensors.torch import save_file
+            save_file(shard, str(path / name), metadata={"format": "pt"})
+        else:
+            torch.save(shard, path / name)
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(_nbytes(g) for g in groups)},
+                 "weight_map": {k: n for n, s in zip(names, shards) for k in s}}
+        (path / f"{prefix}.{ext}.index.json").write_text(json.dumps(index, indent=2))
+    return str(path)
+
+
+def _storage_groups(state: dict[str, torch.Tensor], *, dedupe: bool) -> list[dict[str, torch.Tensor]]:
+    """State-dict entries grouped by the storage they share, in state-dict order. With
+    ``dedupe``, names of the very same tensor collapse to the first, and every tensor gets its
+    own contiguous copy (safetensors refuses shared or strided storage)."""
+    groups: dict[object, dict[str, torch.Tensor]] = {}
+    for name, t in state.items():
+        if not isinstance(t, torch.Tensor) or isinstance(t, DTensor):
+            raise ValueError(f"write_checkpoint: {name!r} is a {type(t).__name__}; gather a "
+                             "sharded model (DTensor) into plain tensors first")
+        if t.device.type == "meta":
+            raise ValueError(f"write_checkpoint: {name!r} is on the meta device: no values to write")
+        t = t.detach().cpu()
+        storage = (t.untyped_storage().data_ptr() if t.numel() else ("empty", name))
+        if dedupe:
+            ident = (storage, t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+            if ident in groups:
+                continue
+            groups[ident] = {name: t.clone(memory_format=torch.contiguous_format)}
+        else:
+            groups.setdefault(storage, {})[name] = t.contiguous()
+    return list(groups.values())
+
+
+def _nbytes(group: dict[str, torch.Tensor]) -> int:
+    seen = {}
+    for t in group.values():
+        seen[t.untyped_storage().data_ptr() or id(t)] = t.untyped_storage().nbytes()
+    return sum(seen.values())
+
+
+def _split(groups: list[dict[str, torch.Tensor]], limit: int) -> list[dict[str, torch.Tensor]]:
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for group in groups:
+        n = _nbytes(group)
+        if shards[-1] and size + n > limit:
+            shards.append({})
+            size = 0
+        shards[-1].update(group)
+        size += n
+    return shards
+
+
+# --- run_torchrun ---------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class TorchrunResult:
+    """What each rank of a torchrun job wrote (index = rank), and torchrun's own output."""
+
+    stdout: list[str]
+    stderr: list[str]
+    launcher: str
+
+
+def run_torchrun(script: str | os.PathLike, nproc: int, *args: Any, timeout: float = 300.0,
+                 env: dict[str, str] | None = None, cwd: str | os.PathLike | None = None,
+                 torchrun_args: tuple[str, ...] = ()) -> TorchrunResult:
+    """Run ``python -m torch.distributed.run --standalone --nproc-per-node nproc script *args``
+    with ``OMP_NUM_THREADS=1`` and unbuffered output, and return each rank's output.
+
+    Raises :class:`RanksFailed` when torchrun fails, naming every rank that exited non-zero
+    with the end of its stderr; at ``timeout`` seconds torchrun and every process it started
+    are killed, and the error carries what each rank had written by then.
+    """
+    logs = tempfile.mkdtemp(prefix="distshard-torchrun-")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc-per-node={nproc}", f"--log-dir={logs}", "--redirects=3", *torchrun_args,
+           str(script), *map(str, args)]
+    environment = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1") | (env or {})
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=environment, cwd=cwd, start_new_session=True)
+    try:
+        try:
+            launcher, _ = proc.communicate(timeout=timeout)
+            timed_out = False
+        except subprocess.TimeoutExpired:
+            _kill_tree(proc)
+            launcher, _ = proc.communicate()
+            timed_out = True
+        result = TorchrunResult(stdout=[_rank_log(logs, r, "stdout") for r in range(nproc)],
+                                stderr=[_rank_log(logs, r, "stderr") for r in range(nproc)],
+                                launcher=launcher)
+    finally:
+        shutil.rmtree(logs, ignore_errors=True)
+    if timed_out or proc.returncode != 0:
+        raise _torchrun_failure(result, cmd, proc.returncode, timeout if timed_out else None)
+    return result
+
+
+def _kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL the workers (each in its own session, so out of reach of the launcher's process
+    group) and their children, then torchrun's group."""
+    try:
+        children = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        children = []
+    for child in children:
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(children, timeout=10)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _rank_log(logs: str, rank: int, stream: str) -> str:
+    found = sorted(Path(logs).glob(f"*/attempt_*/{rank}/{stream}.log"))
+    return found[-1].read_text(errors="replace") if found else ""
+
+
+_FAILURE = re.compile(r"rank\s*:\s*(\d+)\s*\(local_rank:\s*\d+\)\s*\n\s*exitcode\s*:\s*(-?\d+)")
+
+
+def _torchrun_failure(result: TorchrunResult, cmd: list[str], returncode: int,
+                      timeout: float | None) -> RanksFailed:
+    nproc = len(result.stdout)
+    if timeout is not None:
+        codes = {r: None for r in range(nproc)}
+        head = f"torchrun did not finish within {timeout:.0f} s; it and every rank were killed"
+    else:
+        codes = {int(r): int(c) for r, c in _FAILURE.findall(result.launcher)}
+        codes = codes or {r: None for r in range(nproc) if result.stderr[r].strip()}
+        head = f"torchrun exited with code {returncode}"
+    errors = {}
+    for rank in sorted(codes):
+        code = codes[rank]
+        why = ("killed at the deadline" if timeout is not None else
+               "exit code unknown" if code is None else
+               f"stopped by torchrun (signal {-code}) after another rank failed" if code < 0 else
+               f"exit code {code}")
+        errors[rank] = (f"rank {rank}: {why}\n[stderr]\n{result.stderr[rank][-4000:]}"
+                        f"[stdout]\n{result.stdout[rank][-2000:]}")
+    text = "\n".join(f"--- rank {r} ---\n{e}" for r, e in errors.items())
+    if not errors:
+        text = f"--- torchrun ---\n{result.launcher[-4000:]}"
+    ok = {r: result.stdout[r] for r in range(nproc) if r not in errors}
+    return RanksFailed(f"{head}: {' '.join(cmd)}\n{text}", errors, ok)
+
+
+# --- pytest plugin: enabled by `pytest_plugins = ["distshard.testing"]` ---------------------
+
+try:
+    import pytest
+except ImportError:  # the helpers above work without pytest
+    pytest = None
+
+if pytest is not None:
+    def pytest_addoption(parser) -> None:
+        parser.addini("distshard_timeout", "deadline in seconds of the dist_ranks fixture",
+                      default=str(DEFAULT_TIMEOUT))
+
+    @pytest.fixture
+    def dist_ranks(request) -> Callable[..., list[Any]]:
+        """``dist_ranks(fn, world_size, *args, timeout=None, env=None)``: :func:`run_ranks` with
+        the deadline from the ini option ``distshard_timeout`` unless given."""
+        try:
+            default = float(request.config.getini("distshard_timeout"))
+        except ValueError:  # the fixture was imported without the plugin's ini option
+            default = DEFAULT_TIMEOUT
+
+        def run(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float | None = None,
+                **kwargs: Any) -> list[Any]:
+            return run_ranks(_FunctionRef.of(fn), world_size, *args, timeout=timeout or default,
+                             **kwargs)
+        return run
