@@ -1,4 +1,5 @@
-"""``distshard inspect | plan | verify``: look at a checkpoint before a job loads it.
+"""``distshard inspect | plan | verify | reshard``: look at a checkpoint before a job loads it,
+or rewrite it with another shard size.
 
 Every command prints for a person, or with ``--json`` one JSON object for a program, and exits
 non-zero with the reason when the checkpoint is not valid (status 2 for bad usage, as argparse).
@@ -19,6 +20,7 @@ from .index import FileInfo, describe_file, find_checkpoint
 from .loader import DEFAULT_BUCKET_SIZE
 from .plan import make_plan
 from .validate import TargetSpec, match_checkpoint
+from .writer import parse_size, reshard
 
 __all__ = ["main"]
 
@@ -103,6 +105,11 @@ def _verify(args) -> dict:
     return out
 
 
+def _reshard(args) -> dict:
+    ckpt, files = _describe(args.checkpoint)
+    return reshard(ckpt, files, args.out, args.max_shard_size)
+
+
 def _gb(n: int) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
@@ -139,6 +146,26 @@ def _print_plan(d: dict) -> None:
           f"+ at most {_gb(d['sharded']['staging_per_rank'])} staging")
 
 
+def _print_reshard(d: dict) -> None:
+    print(f"resharded   {d['checkpoint']} ({d['format']}, {d['source_files']} file(s)) -> {d['out']}")
+    for f in d["files"]:
+        print(f"  wrote  {f['name']}  {_gb(f['bytes'])}, {f['tensors']} tensors")
+    if d["index"]:
+        print(f"  wrote  {d['index']}")
+    print(f"total       {d['tensors']} tensors, {_gb(d['tensor_bytes'])} in {len(d['files'])} "
+          f"file(s) of at most {_gb(d['max_shard_size'])} of tensors each (a larger tensor "
+          "gets a file of its own)")
+    print("copied      " + (", ".join(d["copied"]) or "nothing else"))
+
+
+def _shard_size(text: str) -> str:
+    try:
+        parse_size(int(text) if text.isdigit() else text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return int(text) if text.isdigit() else text
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="distshard", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -155,24 +182,35 @@ def _parser() -> argparse.ArgumentParser:
                            help="bytes (default %(default)s)")
         if name == "verify":
             c.add_argument("--hash", action="store_true", help="sha256 of every file, in parallel")
+    text = "rewrite as safetensors files of another size, streamed, into a new folder"
+    c = sub.add_parser("reshard", help=text, description=text)
+    c.add_argument("checkpoint", help="checkpoint folder or file (safetensors or .bin)")
+    c.add_argument("out", help="new or empty folder for the result")
+    c.add_argument("--max-shard-size", type=_shard_size, default="5GB",
+                   help="tensor bytes per file: 200MB, 5GB, 1GiB or bytes (default %(default)s)")
+    c.add_argument("--json", action="store_true", help="print one JSON object")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    run = {"inspect": _inspect, "plan": _plan, "verify": _verify}[args.command]
+    run = {"inspect": _inspect, "plan": _plan, "verify": _verify,
+           "reshard": _reshard}[args.command]
     try:
         result = run(args)
     except DistShardError as e:
         if args.json:
             print(json.dumps(dict(valid=False, error=str(e), file=e.file, key=e.key)))
         else:
-            print(f"distshard {args.command}: invalid checkpoint: {e}", file=sys.stderr)
+            why = "failed" if args.command == "reshard" else "invalid checkpoint"
+            print(f"distshard {args.command}: {why}: {e}", file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps(dict(result, valid=True), indent=1))
     elif args.command == "plan":
         _print_plan(result)
+    elif args.command == "reshard":
+        _print_reshard(result)
     else:
         _print_summary(result, verified=args.command == "verify")
     return 0
