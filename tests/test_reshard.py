@@ -131,7 +131,9 @@ def test_reshard_memory_stays_at_a_chunk_not_a_shard(tmp_path, copy):
     assert result["code"] == 0
     # the 4 tensors do not fit two to a 30 MB file: 4 files, each a whole shard's worth of bytes
     assert len(weight_files(str(tmp_path / "out"))) == 4
-    assert result["growth"] < size / 4, f"peak RSS grew {result['growth']} bytes for {size}"
+    # a chunk (8 MB), not a tensor (26 MB), a file or the checkpoint (105 MB)
+    assert result["growth"] < 2 * writer.COPY_CHUNK < size / 6, (
+        f"peak RSS grew {result['growth']} bytes resharding {size} bytes")
     for key, value in source_tensors(str(tmp_path / "out")).items():
         assert torch.equal(value, state[key]), key
 
