@@ -28,17 +28,33 @@ class LoadReport:
     seconds: float
     peak_host_memory: int
     peak_host_memory_per_rank: list[int] = field(default_factory=list)
+    seconds_per_rank: list[float] = field(default_factory=list)  # each rank's own load time
 
     def summary(self) -> str:
-        """One line for a log: what was loaded, by how many ranks, how fast, how much memory."""
-        slowest = max(range(self.world_size), key=lambda r: self.bytes_read_per_rank[r])
-        peak = max(self.peak_host_memory_per_rank or [self.peak_host_memory])
-        return (
-            f"distshard: loaded {len(self.loaded_keys)} tensors, {_gb(self.total_bytes_read)} "
-            f"read once across {self.world_size} rank(s) in {self.seconds:.2f} s "
-            f"(max {_gb(self.bytes_read_per_rank[slowest])} on rank {slowest}); "
-            f"peak private host memory {_gb(peak)} per rank at most; "
-            f"{len(self.missing_keys)} missing, {len(self.unexpected_keys)} unexpected keys")
+        """One line for a log: what was loaded, by how many ranks, how fast (naming the slowest
+        rank), and the peak private host memory of each rank."""
+        head = (f"distshard: loaded {len(self.loaded_keys)} tensors, {_gb(self.total_bytes_read)} "
+                f"read once across {self.world_size} rank(s) in {self.seconds:.2f} s")
+        if self.seconds_per_rank:
+            slowest = max(range(len(self.seconds_per_rank)), key=self.seconds_per_rank.__getitem__)
+            head += (f"; slowest rank {slowest} ({self.seconds_per_rank[slowest]:.2f} s, "
+                     f"read {_gb(self.bytes_read_per_rank[slowest])})")
+        else:  # no per-rank times: name the rank that read the most
+            slowest = max(range(self.world_size), key=lambda r: self.bytes_read_per_rank[r])
+            head += f" (max {_gb(self.bytes_read_per_rank[slowest])} on rank {slowest})"
+        return (f"{head}; peak private host memory {self._memory_text()}; "
+                f"{len(self.missing_keys)} missing, {len(self.unexpected_keys)} unexpected keys")
+
+    def _memory_text(self) -> str:
+        per_rank = self.peak_host_memory_per_rank or [self.peak_host_memory]
+        if len(per_rank) == 1:
+            return _gb(per_rank[0])
+        if len(per_rank) <= 8:
+            return "per rank " + ", ".join(_gb(n) for n in per_rank)
+        top = max(range(len(per_rank)), key=per_rank.__getitem__)
+        low = min(range(len(per_rank)), key=per_rank.__getitem__)
+        return (f"per rank from {_gb(per_rank[low])} (rank {low}) "
+                f"to {_gb(per_rank[top])} (rank {top})")
 
 
 def _gb(n: int) -> str:
