@@ -282,8 +282,10 @@ def write_checkpoint(model: torch.nn.Module, directory: str | os.PathLike, *,
         return str(path)
     if config is not None and callable(getattr(config, "save_pretrained", None)):
         config.save_pretrained(path)
-    groups = _storage_groups(model.state_dict(), dedupe=format == "safetensors")
-    shards = _split(groups, limit)
+    state = model.state_dict()
+    groups = _storage_groups(state, dedupe=format == "safetensors")
+    order = {name: i for i, name in enumerate(state)}  # each file keeps the state-dict order
+    shards = [dict(sorted(s.items(), key=lambda kv: order[kv[0]])) for s in _split(groups, limit)]
     prefix, ext = ("model", "safetensors") if format == "safetensors" else ("pytorch_model", "bin")
     names = ([f"{prefix}.{ext}"] if len(shards) == 1 else
              [f"{prefix}-{i + 1:05d}-of-{len(shards):05d}.{ext}" for i in range(len(shards))])

@@ -17,6 +17,8 @@ from transformers import (
     LlamaForCausalLM,
 )
 
+from distshard.testing import write_checkpoint
+
 TINY = dict(vocab_size=96)
 
 
@@ -56,17 +58,12 @@ def write_case(name: str, root: str, seed: int = 0) -> str:
     torch.manual_seed(seed)
     model = cls(config)
     path = os.path.join(root, name)
-    if layout == "sharded-safetensors":
-        model.save_pretrained(path, max_shard_size=SHARD)
-    elif layout == "single-safetensors":
-        model.save_pretrained(path, max_shard_size="1GB")
-    else:
+    if layout == "sharded-bin":  # keys dealt round-robin: every file holds parts of every layer
         config.save_pretrained(path)
-        state = {k: v.contiguous() for k, v in model.state_dict().items()}
-        if layout == "single-bin":
-            torch.save(state, os.path.join(path, "pytorch_model.bin"))
-        else:
-            write_bin_shards(state, path, files=3)
+        write_bin_shards({k: v.contiguous() for k, v in model.state_dict().items()}, path, files=3)
+    else:  # as users' tools write them: save_pretrained, or torch.save of the state dict
+        write_checkpoint(model, path, max_shard_size="1GB" if "single" in layout else SHARD,
+                         format="bin" if layout.endswith("bin") else "safetensors")
     return path
 
 
