@@ -143,6 +143,11 @@ def _save_replicated(rank: int, world_size: int, root: str) -> dict:
         report = save(build(family), os.path.join(root, family), max_shard_size=SHARD)
         out[family] = (report.files, report.files_written, report.bytes_written_per_rank,
                        report.bytes_received, report.total_size)
+    alone = dist.new_group([1])  # a sub-group: rank 1 saves by itself
+    if rank == 1:
+        report = save(build("llama"), os.path.join(root, "sub-group"), max_shard_size=SHARD,
+                      group=alone)
+        out["sub-group"] = (report.rank, report.world_size, report.files_written, report.files)
     return out
 
 
@@ -164,6 +169,9 @@ def test_replicated_models_saved_by_two_ranks_load_bitwise(tmp_path):
         assert all(r[family][3] == 0 for r in results)  # replicated: nothing sent
         index = json.load(open(os.path.join(folder, "model.safetensors.index.json")))
         assert total == index["metadata"]["total_size"]
+    group_rank, size, written, files = results[1]["sub-group"]
+    assert (group_rank, size) == (0, 1) and written == [f for f in files if f.endswith("tensors")]
+    check_hf_checkpoint(str(tmp_path / "sub-group"), build("llama"), str(tmp_path / "llama-reference"))
     tied = json.load(open(tmp_path / "llama" / "model.safetensors.index.json"))["weight_map"]
     assert "model.embed_tokens.weight" in tied and "lm_head.weight" not in tied
     gpt2 = json.load(open(tmp_path / "gpt2" / "model.safetensors.index.json"))["weight_map"]
