@@ -418,7 +418,8 @@ def _plan(model: torch.nn.Module, directory: str, limit: int,
     failure, tensors, signature, boxes = None, {}, 0, {}
     try:
         tensors = tensors_to_save(model)
-        text = "\n".join(f"{k}:{t.dtype}:{list(t.shape)}" for k, t in tensors.items())
+        text = "\n".join(f"{k}:{t.dtype}:{list(t.shape)}:{isinstance(t, DTensor)}"
+                         for k, t in tensors.items())
         signature = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1
         boxes = {k: _box(t) for k, t in tensors.items() if isinstance(t, DTensor)}
     except Exception as e:
@@ -427,8 +428,8 @@ def _plan(model: torch.nn.Module, directory: str, limit: int,
     differ = [r for r, row in enumerate(rows) if row[0] != rows[0][0]]
     if differ:
         raise DistShardError(
-            f"distshard: the model on rank(s) {differ} differs from rank 0's (names, shapes or "
-            "dtypes of what it saves); every rank must call save with the same model")
+            f"distshard: the model on rank(s) {differ} differs from rank 0's (names, shapes, "
+            "dtypes or sharding of what it saves); every rank must call save with the same model")
     all_boxes = comm.all_gather_object(boxes) if any(row[1] for row in rows) else None
     plan, failure = None, None
     if comm.rank == 0:
