@@ -115,6 +115,7 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: floa
     """Call ``fn(rank, world_size, *args)`` on ``world_size`` ranks; return their results in
     rank order. ``fn`` and ``args`` must be picklable; the process group is initialised before
     ``fn`` runs and destroyed after."""
+    __tracebackhide__ = True  # pytest shows the ranks' tracebacks, not this function's source
     tmp = tempfile.mkdtemp(prefix="distshard-ranks-")
     results = mp.get_context("spawn").SimpleQueue()
     ctx = mp.start_processes(
@@ -132,6 +133,7 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: floa
 
 
 def _collect(ctx, results, world_size: int, timeout: float) -> list[Any]:
+    __tracebackhide__ = True
     deadline = time.monotonic() + timeout
     done: dict[int, tuple[bool, Any]] = {}
     while len(done) < world_size:
@@ -166,11 +168,19 @@ def _rank_main(rank, fn, world_size, args, rdzv_file, results, backend, timeout,
                                 world_size=world_size, timeout=timedelta(seconds=timeout))
         value = fn(rank, world_size, *args)
         results.put((rank, True, value))
-    except BaseException:
-        results.put((rank, False, traceback.format_exc()))
+    except BaseException as e:
+        results.put((rank, False, _format_failure(e)))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _format_failure(e: BaseException) -> str:
+    """The traceback from the first frame outside this module: the rank's own code."""
+    tb = e.__traceback__
+    while tb is not None and tb.tb_frame.f_code.co_filename == __file__:
+        tb = tb.tb_next
+    return "".join(traceback.format_exception(type(e), e, tb or e.__traceback__))
 
 
 # --- @distributed ---------------------------------------------------------------------------
@@ -229,6 +239,7 @@ def distributed(world_size: int = 2, *, timeout: float = DEFAULT_TIMEOUT, backen
 
         @functools.wraps(fn)
         def runner(*args: Any, **kwargs: Any) -> None:
+            __tracebackhide__ = True
             bound = visible.bind(*args, **kwargs)
             run_ranks(ref, world_size, *bound.args, timeout=timeout, backend=backend, env=env)
 
@@ -366,6 +377,7 @@ def run_torchrun(script: str | os.PathLike, nproc: int, *args: Any, timeout: flo
     with the end of its stderr; at ``timeout`` seconds torchrun and every process it started
     are killed, and the error carries what each rank had written by then.
     """
+    __tracebackhide__ = True
     logs = tempfile.mkdtemp(prefix="distshard-torchrun-")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc-per-node={nproc}", f"--log-dir={logs}", "--redirects=3", *torchrun_args,
@@ -467,6 +479,7 @@ if pytest is not None:
 
         def run(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float | None = None,
                 **kwargs: Any) -> list[Any]:
+            __tracebackhide__ = True
             return run_ranks(_FunctionRef.of(fn), world_size, *args, timeout=timeout or default,
                              **kwargs)
         return run
