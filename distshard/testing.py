@@ -25,43 +25,67 @@ Enable the plugin in your ``conftest.py`` (it is not registered globally)::
 
     pytest_plugins = ["distshard.testing"]
 
-Then a module-level test function runs on every rank with ``@distributed``; its first two
-parameters are the rank and the world size, the others are pytest fixtures (their values must
-be picklable: each rank gets a copy)::
+A module-level test function decorated with ``@distributed`` runs on every rank; its first two
+parameters are the rank and the world size, the others are pytest fixtures, whose values are
+pickled to every rank. ``dist_ranks`` runs any module-level function on N ranks and returns
+what each returned (deadline: the ini option ``distshard_timeout``, default 120 s). A user's
+``test_model.py`` next to their ``train.py``::
 
-    import torch, torch.distributed as dist
+    import pytest
+    import torch
+    import torch.distributed as dist
+
     import distshard
-    from distshard.testing import distributed, write_checkpoint
+    from distshard.testing import distributed, run_torchrun, write_checkpoint
+    from train import build
 
     @pytest.fixture
     def checkpoint(tmp_path):
-        return write_checkpoint(MyModel(), tmp_path / "ckpt", max_shard_size="40KB")
+        torch.manual_seed(0)
+        model = build()
+        torch.save(model.state_dict(), tmp_path / "expected.pt")
+        return write_checkpoint(model, tmp_path / "ckpt", max_shard_size="1KB"), tmp_path / "expected.pt"
 
     @distributed(world_size=2, timeout=60)
-    def test_every_rank_gets_the_weights(rank, world_size, checkpoint):
+    def test_every_rank_gets_the_same_weights(rank, world_size, checkpoint):
+        path, expected = checkpoint
         with torch.device("meta"):
-            model = MyModel()
-        distshard.load(model, checkpoint)
-        total = model.head.weight.sum()
-        dist.all_reduce(total)
-        assert torch.equal(total, world_size * model.head.weight.sum())
+            model = build()
+        distshard.load(model, path)
+        want = torch.load(expected)
+        for name, value in model.state_dict().items():
+            assert torch.equal(value, want[name]), name
 
-or call any module-level function through the ``dist_ranks`` fixture, which returns the ranks'
-results (its deadline defaults to the ini option ``distshard_timeout``, 120 s)::
+    def world_sum(rank, world_size):
+        total = torch.tensor([rank + 1])
+        dist.all_reduce(total)
+        return total.item()
 
     def test_ranks_agree(dist_ranks):
-        assert dist_ranks(body, 3) == [0, 1, 2]
+        assert dist_ranks(world_sum, 3) == [6, 6, 6]
+
+    def test_train_script_under_torchrun(checkpoint):
+        result = run_torchrun("train.py", 2, "--checkpoint", checkpoint[0], timeout=120)
+        assert result.stdout == ["rank 0: loaded 4 tensors\\n", "rank 1: loaded 4 tensors\\n"]
+
+Spawned ranks find a decorated test, or a function given to ``dist_ranks``, by its module name,
+or from its file where pytest imported it by path (``--import-mode=importlib``). A failing rank
+fails the test with its own traceback::
+
+    E   distshard.testing.RanksFailed: 1 of 2 rank(s) failed:
+        --- rank 1 ---
+        Traceback (most recent call last):
+          File "/tmp/demo_user/test_fails.py", line 11, in test_all_reduce_sums
+            assert total.item() == 3 + rank  # wrong on rank 1
+        AssertionError
 
 Your own torchrun script
 ------------------------
 :func:`run_torchrun` runs ``python -m torch.distributed.run --standalone --nproc-per-node N``
-on a script, in its own session, kills it and every worker at the deadline, and raises
-:class:`RanksFailed` with the output of each failing rank::
-
-    def test_train_script_loads_on_two_ranks(tmp_path):
-        ckpt = write_checkpoint(MyModel(), tmp_path / "ckpt")
-        result = run_torchrun("train.py", 2, "--checkpoint", ckpt, "--steps", "1", timeout=300)
-        assert "step 1 done" in result.stdout[0]
+on a script (workers with ``OMP_NUM_THREADS=1``, unbuffered), returns each rank's stdout and
+stderr, kills torchrun and every worker at the deadline, and raises :class:`RanksFailed` with
+the output of each failing rank. :func:`write_checkpoint` writes the small sharded checkpoint
+such a test loads.
 """
 
 from __future__ import annotations
