@@ -1,9 +1,10 @@
 """Move each bucket from the rank that read it to the ranks that need it.
 
-A bucket that every rank wants whole (plain tensors, replicated DTensors) is broadcast: on CPU
-through each node's shared-memory window (see :meth:`Exchange._through_window`), otherwise by the
-backend's broadcast. A bucket
-of DTensor shards made of whole rows, each row wanted by one rank, is read by every rank itself:
+When every rank wants every tensor whole (plain tensors, replicated DTensors) on a CPU group,
+each node's ranks share one image of the tensors in shared memory (see
+:meth:`Exchange._through_image`): each bucket is read once into its reader's node image and sent
+once to every other node. Otherwise a bucket that every rank wants whole is broadcast by the
+backend into each rank's own tensors. A bucket of DTensor shards made of whole rows, each row wanted by one rank, is read by every rank itself:
 its own rows, straight into its shard. Any other bucket is cut by its reader into each rank's
 pieces, sent point to point. No rank ever holds a full copy of a tensor it did not read.
 
@@ -14,31 +15,36 @@ raised by everyone at the next agreement.
 
 from __future__ import annotations
 
+import queue
 import threading
+from dataclasses import dataclass
 
 import torch
 
 from . import _faults
 from .comm import Comm, failure_of
 from .errors import DistShardError, RankFailure
-from .plan import Box, Bucket, LoadPlan, Piece, align, payload_layout
+from .plan import Box, Bucket, LoadPlan, Piece, Slot, align, payload_layout
 from .reader import ShardReader
-from .shm import NodeWindow
+from .shm import NodeImage
 from .topology import Topology
 
-__all__ = ["Exchange"]
+__all__ = ["Exchange", "ImageLayout"]
 
 
 class Exchange:
     def __init__(self, comm: Comm, plan: LoadPlan, reader: ShardReader,
                  dests: dict[str, torch.Tensor] | None, boxes: list[dict[str, Box]] | None,
-                 *, read_own_slices: bool = True, window: NodeWindow | None = None,
-                 topology: Topology | None = None) -> None:
+                 *, read_own_slices: bool = True, image: NodeImage | None = None,
+                 layout: ImageLayout | None = None, topology: Topology | None = None,
+                 node_local: bool = False) -> None:
         self.comm, self.plan, self.reader, self.dests = comm, plan, reader, dests
         self.read_own_slices = read_own_slices
-        self.window = window
+        self.image, self.layout = image, layout
         self.topology = topology or Topology.single(comm.world_size)
-        self._windows_used = 0  # halves alternate over the whole load, not per run of buckets
+        # Node-local loads: each node's ranks read their own copy of every bucket and serve
+        # only each other; a rank skips the buckets of other nodes.
+        self.node_local = node_local
         self.boxes = boxes or [{}] * comm.world_size  # per rank; empty: every tensor whole
         self.buffers = _Buffers(comm.device)
         self.failure: RankFailure | None = None
@@ -48,13 +54,19 @@ class Exchange:
     def run(self) -> RankFailure | None:
         whole: list[Bucket] = []  # consecutive buckets every rank wants whole
         for bucket in self.plan.buckets:
-            layouts = [payload_layout(bucket, b) for b in self.boxes]
+            if self.comm.rank not in self._members(bucket):
+                continue
+            every = [payload_layout(bucket, b) for b in self.boxes]
+            members = self._members(bucket)
+            layouts = [lay if r in members else ((), 0) for r, lay in enumerate(every)]
             if all(p.box == p.slot.extent for pieces, _ in layouts for p in pieces):
                 whole.append(bucket)
                 continue
+            if self.image is not None:
+                raise AssertionError("a node image holds only loads of whole tensors")
             self._replicate(whole)
             whole = []
-            if self._each_reads_own(bucket, layouts):
+            if self._each_reads_own(bucket, every):
                 self._guard("read", self._read_own, bucket.file, layouts[self.comm.rank][0])
             else:
                 self._send_slices(bucket, layouts)
@@ -63,74 +75,85 @@ class Exchange:
         return self.failure
 
     def _replicate(self, run: list[Bucket]) -> None:
-        if self.window is not None:
-            self._through_window(run)
+        if self.image is not None:
+            self._through_image(run)
         else:
             for bucket in run:
                 self._broadcast(bucket)
 
-    def _through_window(self, run: list[Bucket]) -> None:
-        """Replicate ``run`` through each node's shared-memory window, a window of buckets at a
-        time (at most one per local rank, within half the window's bytes):
+    def _through_image(self, run: list[Bucket]) -> None:
+        """Replicate ``run`` (every bucket of the load) through each node's image:
 
-        1. each bucket's reader reads it into its node's window — for the next window in a
-           thread, while this one is copied out;
-        2. it sends the bucket to one rank of every other node, which receives it into that
-           node's window (point to point over the backend; nothing to do on one node);
-        3. a barrier; then every rank copies every bucket of the window into its parameters.
-
-        The halves alternate: the reads of window k+1 start after barrier k, by which time every
-        rank has finished copying window k-1 out of that half. One collective per window.
+        1. a reader thread reads this rank's buckets straight into its node's image, converting
+           to the parameters' dtype on the way where they differ (so once per job, and before
+           anything is sent);
+        2. meanwhile, in plan order, each bucket goes from its reader to one rank of every other
+           node, which receives it into that node's image (point to point; nothing on one node);
+        3. one barrier; then every rank's tensors are views of its private mapping of the image.
         """
-        windows = _windows(run, self.window.half_bytes, self.topology.max_local)
-        if not windows:
-            return
-        reads = self._start_reads(windows[0], self._windows_used % 2)
-        for i, (win, offsets) in enumerate(windows):
-            half = self._windows_used % 2
-            reads.join()
-            self._cross_nodes(win, offsets, half)
-            self.comm.barrier()
-            self._windows_used += 1
-            if i + 1 < len(windows):
-                reads = self._start_reads(windows[i + 1], self._windows_used % 2)
-            for bucket, offset in zip(win, offsets):
-                if bucket.owner != self.comm.rank:
-                    self.bytes_received += bucket.nbytes
-                view = self.window.area(half, offset, bucket.nbytes)
-                self._unpack(bucket.slots, [s.extent for s in bucket.slots], view, from_bucket=True)
+        me, topo = self.comm.rank, self.topology
+        ready: queue.SimpleQueue[Bucket] = queue.SimpleQueue()
 
-    def _start_reads(self, window: tuple[tuple[Bucket, ...], tuple[int, ...]],
-                     half: int) -> threading.Thread:
         def read_mine() -> None:
-            for bucket, offset in zip(*window):
-                if bucket.owner == self.comm.rank:
-                    view = self.window.area(half, offset, bucket.nbytes)
-                    self._guard("read", self.reader.read, bucket, view)
+            for bucket in run:
+                if bucket.owner == me:
+                    self._guard("read", self._read_into_image, bucket)
+                    ready.put(bucket)
 
-        thread = threading.Thread(target=read_mine, name="distshard-reader", daemon=True)
-        thread.start()
-        return thread
+        reader = threading.Thread(target=read_mine, name="distshard-reader", daemon=True)
+        reader.start()
+        for j, bucket in enumerate(run):
+            if bucket.owner == me:
+                ready.get()  # buckets come in plan order
+            else:
+                self.bytes_received += bucket.nbytes
+            if topo.num_nodes > 1 and not self.node_local:
+                self._cross_nodes(j, bucket)
+        reader.join()
+        self.comm.barrier()
+        self._guard("distribute", self._map_image, run)
 
-    def _cross_nodes(self, win: tuple[Bucket, ...], offsets: tuple[int, ...], half: int) -> None:
-        """Each bucket's reader sends it to one rank of every other node (a different local rank
-        for each bucket of the window, so that receiving is spread too)."""
-        topo, me = self.topology, self.comm.rank
-        if topo.num_nodes == 1:
+    def _read_into_image(self, bucket: Bucket) -> None:
+        layout, data = self.layout, self.image.data
+        views = [layout.slot_bytes(data, s) for s in bucket.slots]
+        if all(s.dtype == layout.dtype[s.key] for s in bucket.slots):
+            self.reader.read_slots(bucket, views)
             return
+        staged = self.buffers.get("bucket", bucket.nbytes)
+        self.reader.read(bucket, staged)
+        for s, view in zip(bucket.slots, views):
+            src = staged[s.offset:s.offset + s.nbytes].view(s.dtype).view(s.shape)
+            view.view(layout.dtype[s.key]).view(s.shape).copy_(src)
+
+    def _cross_nodes(self, j: int, bucket: Bucket) -> None:
+        """The bucket's reader sends its bytes in the image to one rank of every other node (a
+        different local rank for consecutive buckets, so that receiving is spread too)."""
+        topo, me = self.topology, self.comm.rank
+        view = self.layout.bucket_bytes(self.image.data, bucket)
         sends, recvs = [], []
-        for j, (bucket, offset) in enumerate(zip(win, offsets)):
-            view = self.window.area(half, offset, bucket.nbytes)
-            for node in range(topo.num_nodes):
-                if node == topo.node_of[bucket.owner]:
-                    continue
-                local = topo.ranks_on(node)
-                receiver = local[j % len(local)]
-                if me == bucket.owner:
-                    sends.append((view, receiver))
-                elif me == receiver:
-                    recvs.append((view, bucket.owner))
+        for node in range(topo.num_nodes):
+            if node == topo.node_of[bucket.owner]:
+                continue
+            local = topo.ranks_on(node)
+            receiver = local[j % len(local)]
+            if me == bucket.owner:
+                sends.append((view, receiver))
+            elif me == receiver:
+                recvs.append((view, bucket.owner))
         self.comm.exchange(sends, recvs)
+
+    def _map_image(self, run: list[Bucket]) -> None:
+        private = self.image.private()
+        self.dests = self.layout.tensors(private)
+        for bucket in run:
+            for slot in bucket.slots:
+                self._fill(slot.key, slot.extent)
+
+    def _members(self, bucket: Bucket) -> tuple[int, ...] | range:
+        """The ranks a bucket serves: its reader's node when loading node-locally, else all."""
+        if not self.node_local:
+            return range(self.comm.world_size)
+        return self.topology.ranks_on(self.topology.node_of[bucket.owner])
 
     def _fill(self, key: str, box) -> None:
         self._filled[key] = self._filled.get(key, 0) + _numel(box[1])
@@ -148,7 +171,13 @@ class Exchange:
         direct = self._direct_buffer(bucket)
         buf = direct if direct is not None else self.buffers.get("bucket", bucket.nbytes)
         self._read(bucket, buf)
-        self.comm.broadcast(buf, bucket.owner)
+        members = self._members(bucket)
+        if len(members) == self.comm.world_size:
+            self.comm.broadcast(buf, bucket.owner)
+        elif self.comm.rank == bucket.owner:  # one node of several: only to the node's ranks
+            self.comm.exchange([(buf, r) for r in members if r != bucket.owner], [])
+        else:
+            self.comm.exchange([], [(buf, bucket.owner)])
         if bucket.owner != self.comm.rank:
             self.bytes_received += bucket.nbytes
         if direct is None:
@@ -284,22 +313,9 @@ class Exchange:
         return rows.reshape(-1).view(torch.uint8)
 
 
-def _windows(run: list[Bucket], half_bytes: int,
-             most: int) -> list[tuple[tuple[Bucket, ...], tuple[int, ...]]]:
-    """Cut ``run`` into windows of at most ``most`` buckets and ``half_bytes`` bytes; each window
-    comes with its buckets' offsets in the half (aligned, like slots in a bucket)."""
-    out, win, offsets, end = [], [], [], 0
-    for bucket in run:
-        offset = align(end)
-        if win and (len(win) == most or offset + bucket.nbytes > half_bytes):
-            out.append((tuple(win), tuple(offsets)))
-            win, offsets, offset = [], [], 0
-        win.append(bucket)
-        offsets.append(offset)
-        end = offset + bucket.nbytes
-    if win:
-        out.append((tuple(win), tuple(offsets)))
-    return out
+def _file_order(bucket: Bucket) -> tuple:
+    first = bucket.slots[0]
+    return bucket.file, first.begin or 0, first.key, first.row
 
 
 def _single_contiguous(pieces: tuple[Piece, ...], full: torch.Tensor) -> torch.Tensor | None:
@@ -335,6 +351,59 @@ def _region(box: Box, origin: tuple[int, ...] | None) -> tuple[slice, ...]:
     """Index of ``box`` (whole-tensor coordinates) in a tensor that starts at ``origin``."""
     origin = origin or (0,) * len(box[0])
     return tuple(slice(o - z, o - z + n) for o, n, z in zip(box[0], box[1], origin))
+
+
+@dataclass(frozen=True, slots=True)
+class ImageLayout:
+    """Where each whole tensor lies in a node image, in the parameter's dtype. Same on every
+    rank."""
+
+    offset: dict[str, int]
+    dtype: dict[str, torch.dtype]
+    shape: dict[str, tuple[int, ...]]
+    nbytes: int
+
+    @classmethod
+    def of(cls, plan: LoadPlan, specs: dict[str, tuple[torch.dtype, tuple[int, ...]]]) -> ImageLayout:
+        """Lay the tensors out in file order. A bucket's slots are then one run of bytes: a
+        bucket holds whole tensors, or rows of one tensor only (checked)."""
+        offset, end = {}, 0
+        for bucket in sorted(plan.buckets, key=_file_order):
+            for slot in bucket.slots:
+                if slot.key not in offset:
+                    dtype, shape = specs[slot.key]
+                    offset[slot.key] = align(end)
+                    end = offset[slot.key] + _numel(shape) * dtype.itemsize
+        layout = cls(offset, {k: specs[k][0] for k in offset}, {k: specs[k][1] for k in offset},
+                     end)
+        layout._check_runs(plan)
+        return layout
+
+    def _check_runs(self, plan: LoadPlan) -> None:
+        """Each bucket's run of bytes holds its own slots only: what crosses nodes is the run.
+        (A node-local plan holds each bucket once per node: the same run.)"""
+        runs = sorted({(self._slot_range(b.slots[0])[0], self._slot_range(b.slots[-1])[1])
+                       for b in plan.buckets})
+        if any(a[1] > b[0] for a, b in zip(runs, runs[1:])):
+            raise AssertionError("internal error: buckets overlap in the node image")
+
+    def _slot_range(self, slot: Slot) -> tuple[int, int]:
+        size = self.dtype[slot.key].itemsize
+        begin = self.offset[slot.key] + slot.row * _numel(slot.shape[1:]) * size
+        return begin, begin + _numel(slot.shape) * size
+
+    def slot_bytes(self, data: torch.Tensor, slot: Slot) -> torch.Tensor:
+        """The bytes of ``slot``'s rows, in the parameter's dtype."""
+        begin, end = self._slot_range(slot)
+        return data[begin:end]
+
+    def bucket_bytes(self, data: torch.Tensor, bucket: Bucket) -> torch.Tensor:
+        """From the first byte of the bucket's first slot to the last of its last."""
+        return data[self._slot_range(bucket.slots[0])[0]:self._slot_range(bucket.slots[-1])[1]]
+
+    def tensors(self, data: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {k: data[o:o + _numel(self.shape[k]) * self.dtype[k].itemsize]
+                .view(self.dtype[k]).view(self.shape[k]) for k, o in self.offset.items()}
 
 
 class _Buffers:

@@ -16,14 +16,14 @@ import torch.distributed as dist
 
 from . import _faults
 from .comm import Comm, failure_of
-from .distribute import Exchange
+from .distribute import Exchange, ImageLayout
 from .errors import DistShardError
 from .index import describe_file, find_checkpoint
 from .materialize import ModelTargets
-from .plan import LoadPlan, align, make_plan
+from .plan import LoadPlan, make_plan
 from .reader import ShardReader
 from .report import LoadReport, PeakMemorySampler
-from .shm import SHM_DIR, NodeWindow
+from .shm import SHM_DIR, NodeImage
 from .topology import Topology, node_key, node_name
 from .validate import match_checkpoint
 
@@ -50,8 +50,11 @@ class LoadOptions:
     timeout: timedelta = DEFAULT_TIMEOUT
     log_summary: bool = True
     shared_memory: bool | None = None
+    locality: str = "cluster"
 
     def __post_init__(self) -> None:
+        if self.locality not in ("cluster", "node"):
+            raise ValueError(f"locality must be 'cluster' or 'node', got {self.locality!r}")
         if isinstance(self.timeout, (int, float)):
             self.timeout = timedelta(seconds=self.timeout)
         if not isinstance(self.timeout, timedelta) or self.timeout.total_seconds() <= 0:
@@ -76,7 +79,7 @@ class _Outcome:
     loaded_keys: tuple[str, ...]
     missing_keys: tuple[str, ...]
     unexpected_keys: tuple[str, ...]
-    token: str  # names this load's shared-memory windows
+    token: str  # names this load's node images in shared memory
 
 
 def load(
@@ -92,6 +95,7 @@ def load(
     timeout: timedelta | float = DEFAULT_TIMEOUT,
     log_summary: bool = True,
     shared_memory: bool | None = None,
+    locality: str = "cluster",
 ) -> LoadReport:
     """Load ``checkpoint`` into ``model`` on every rank of ``group``, each byte read by one rank.
 
@@ -107,25 +111,33 @@ def load(
     is then left unchanged; a rank that dies or stalls makes the others raise once ``timeout``
     passes without its answer (gloo; on nccl the group's own timeout applies).
 
-    Ranks on one node (see :mod:`distshard.topology`) pass whole tensors to each other through a
-    shared-memory window in ``/dev/shm`` of two buckets per local rank, when the group is on the
-    CPU (gloo). ``shared_memory=None`` uses it where it works and falls back to the backend's
-    broadcast otherwise; ``True`` requires it; ``False`` never uses it.
+    When every rank wants every tensor whole on the CPU (DDP-style replicas over gloo), the ranks
+    of one node (see :mod:`distshard.topology`) share one image of the tensors in ``/dev/shm``:
+    each byte is read once per job, written once per node, and each rank's tensors are
+    copy-on-write views of that image (shared until the rank writes them, like a mapped
+    checkpoint file). ``shared_memory=None`` uses it where it works and falls back to the
+    backend's broadcast into each rank's own memory otherwise; ``True`` requires it; ``False``
+    never uses it.
+
+    ``locality="cluster"`` (default) reads every byte once per job and sends it to the nodes
+    that need it; ``"node"`` has each node read the whole checkpoint once, shared among its own
+    ranks, and sends nothing between nodes (for node-local disks or a slow interconnect).
     """
     options = LoadOptions(device=device, dtype=dtype, strict=strict, bucket_size=bucket_size,
                           read_own_slices=read_own_slices, timeout=timeout,
-                          log_summary=log_summary, shared_memory=shared_memory)
+                          log_summary=log_summary, shared_memory=shared_memory,
+                          locality=locality)
     comm = Comm(group, options.timeout)
     target_device = options.device or comm.device
     started = time.perf_counter()
     with PeakMemorySampler() as memory:
         try:
             targets, outcome, topology = _plan(model, checkpoint, comm, options)
-            dests, window = _allocate(targets, outcome, topology, comm, target_device, options)
-            exchange = _distribute(targets, outcome, dests, comm, options, window, topology)
-            del window
+            dests, image, layout = _allocate(targets, outcome, topology, comm, target_device,
+                                             options)
+            exchange = _distribute(targets, outcome, dests, comm, options, image, layout, topology)
+            del image
             stats = _prepare_commit(targets, outcome, comm, exchange, memory)
-            exchange.window = None  # unmap the staging window before the model is committed
         except DistShardError:
             raise
         except Exception as e:  # a collective broke: a peer exited or the group timed out
@@ -133,7 +145,7 @@ def load(
                 f"distshard: a collective failed on rank {comm.rank} ({type(e).__name__}: {e}); "
                 f"another rank exited or did not answer within timeout={options.timeout}; "
                 "see its log") from e
-        targets.commit(dests, target_device)
+        targets.commit(exchange.dests, target_device)
     report = LoadReport(
         rank=comm.rank, world_size=comm.world_size, loaded_keys=list(outcome.loaded_keys),
         missing_keys=list(outcome.missing_keys), unexpected_keys=list(outcome.unexpected_keys),
@@ -149,15 +161,15 @@ def load(
 
 def _plan(model, checkpoint, comm: Comm,
           options: LoadOptions) -> tuple[ModelTargets, _Outcome, Topology]:
-    """Every rank inspects its model and names its node; rank 0 validates the checkpoint and
-    plans; all agree."""
-    failure, targets, outcome, signature = None, None, None, 0
+    """Every rank inspects its model and names its node; rank 0 validates the checkpoint; all
+    agree; rank 0 plans for the nodes found and sends the plan."""
+    failure, targets, found, outcome, signature = None, None, None, None, 0
     try:
         _faults.check("validate", comm.rank)
         targets = ModelTargets(model, options.dtype)
         signature = targets.signature()
         if comm.rank == 0:
-            outcome = _validate_and_plan(checkpoint, targets, comm.world_size, options)
+            found = _validate(checkpoint, targets, options)
     except Exception as e:
         failure = failure_of(e, comm.rank, "validate")
     rows = comm.agree(failure, [signature, node_key(node_name())])
@@ -167,85 +179,100 @@ def _plan(model, checkpoint, comm: Comm,
         raise DistShardError(
             f"distshard: the model on rank(s) {differ} differs from rank 0's (parameter names, "
             "shapes or dtypes); every rank must build the same model before calling load")
-    return targets, comm.broadcast_object(outcome), Topology.from_keys([row[1] for row in rows])
+    topology = Topology.from_keys([row[1] for row in rows])
+    if comm.rank == 0:
+        root, match = found
+        readers = None
+        if options.locality == "node":
+            readers = [topology.ranks_on(n) for n in range(topology.num_nodes)]
+        plan = make_plan(match.files, comm.world_size, options.bucket_size, readers)
+        outcome = _Outcome(root, plan, match.loaded_keys, match.missing_keys,
+                           match.unexpected_keys, secrets.token_hex(8))
+    return targets, comm.broadcast_object(outcome), topology
 
 
-def _validate_and_plan(checkpoint, targets: ModelTargets, world_size: int,
-                       options: LoadOptions) -> _Outcome:
+def _validate(checkpoint, targets: ModelTargets, options: LoadOptions):
     ckpt = find_checkpoint(checkpoint)
     files = [describe_file(ckpt.root, name, ckpt.kind) for name in ckpt.files]
-    match = match_checkpoint(files, ckpt.weight_map, targets.specs(), strict=options.strict)
-    plan = make_plan(match.files, world_size, options.bucket_size)
-    return _Outcome(ckpt.root, plan, match.loaded_keys, match.missing_keys, match.unexpected_keys,
-                    secrets.token_hex(8))
+    return ckpt.root, match_checkpoint(files, ckpt.weight_map, targets.specs(),
+                                       strict=options.strict)
 
 
 def _allocate(targets: ModelTargets, outcome: _Outcome, topology: Topology, comm: Comm,
               device: torch.device, options: LoadOptions
-              ) -> tuple[dict[str, torch.Tensor], NodeWindow | None]:
-    """Allocate the destinations and open this node's staging window; agree that every rank
-    of each node mapped the same window (else every rank goes without one)."""
-    failure, dests, window, problem = None, None, None, None
+              ) -> tuple[dict[str, torch.Tensor], NodeImage | None, ImageLayout | None]:
+    """Allocate the destinations: this node's image of the tensors where every rank wants them
+    whole on the CPU, else each rank's own tensors. Agree that every rank of each node mapped
+    the same image (else every rank goes without one)."""
+    failure, dests, image, layout, problem = None, {}, None, None, None
     nonce = int(outcome.token, 16) >> 1
     try:
         _faults.check("plan", comm.rank)
-        dests = targets.allocate(outcome.plan, device)
-        if _wants_window(comm, options):
+        if _wants_image(targets, comm, device, options):
+            layout = ImageLayout.of(outcome.plan, targets.whole_specs(outcome.plan))
             try:
                 node = topology.node_of[comm.rank]
-                window = NodeWindow(outcome.token, node, _half_window(outcome.plan, topology),
-                                    len(topology.ranks_on(node)))
-                window.sign(topology.local_index(comm.rank), nonce)
+                image = NodeImage(outcome.token, node, layout.nbytes, len(topology.ranks_on(node)))
+                image.sign(topology.local_index(comm.rank), nonce)
             except OSError as e:
-                problem = f"cannot create a window in {SHM_DIR} on rank {comm.rank}: {e}"
+                problem = (f"cannot place {layout.nbytes / 1e6:.1f} MB in {SHM_DIR} on rank "
+                           f"{comm.rank}: {e}")
     except Exception as e:
         failure = failure_of(e, comm.rank, "plan")
     try:
         comm.agree(failure, [])
-        if window is not None and not window.shared_by_all(nonce):
-            problem = (f"rank {comm.rank} does not share {window.path} with the ranks named as "
+        if image is not None and not image.shared_by_all(nonce):
+            problem = (f"rank {comm.rank} does not share {image.path} with the ranks named as "
                        f"its node's ({node_name()}); set DISTSHARD_NODE to tell nodes apart")
-        ok = comm.agree(None, [problem is None])
+        ok = comm.agree(None, [problem is None, layout is not None])
     finally:
-        if window is not None:
-            window.unlink()
-    if all(row[0] for row in ok):
-        return dests, window
-    if options.shared_memory:
+        if image is not None:
+            image.unlink()
+    if all(row == [True, True] for row in ok):
+        return dests, image, layout
+    if image is not None:
+        image.close()
+    if options.shared_memory and any(row[1] for row in ok):
         problems = [p for p in comm.all_gather_object(problem) if p is not None]
+        problems = problems or ["the ranks disagree on whether every tensor is wanted whole"]
         raise DistShardError("distshard: shared_memory=True, but " + "; ".join(problems))
     if problem is not None:
         logger.warning("distshard: %s; exchanging through the backend instead", problem)
-    return dests, None
+    failure = None
+    try:
+        dests = targets.allocate(outcome.plan, device)
+    except Exception as e:
+        failure = failure_of(e, comm.rank, "plan")
+    comm.agree(failure, [])
+    return dests, None, None
 
 
-def _wants_window(comm: Comm, options: LoadOptions) -> bool:
+def _wants_image(targets: ModelTargets, comm: Comm, device: torch.device,
+                 options: LoadOptions) -> bool:
+    """A node image serves loads where every rank wants every tensor whole, on the CPU."""
     if options.shared_memory is False or comm.world_size == 1:
         return False
-    if comm.device.type != "cpu":
+    if comm.device.type != "cpu" or device.type != "cpu":
         if options.shared_memory:
-            raise ValueError("shared_memory=True needs a CPU process group (gloo)")
+            raise ValueError("shared_memory=True needs a CPU process group (gloo) and device")
         return False
-    return True
-
-
-def _half_window(plan: LoadPlan, topology: Topology) -> int:
-    """One bucket per local rank, and room for the largest bucket."""
-    largest = max((b.nbytes for b in plan.buckets), default=0)
-    return max(topology.max_local * align(plan.bucket_size), align(largest))
+    return targets.all_whole_on_cpu()
 
 
 def _distribute(targets: ModelTargets, outcome: _Outcome, dests, comm: Comm,
-                options: LoadOptions, window: NodeWindow | None, topology: Topology) -> Exchange:
+                options: LoadOptions, image: NodeImage | None, layout: ImageLayout | None,
+                topology: Topology) -> Exchange:
     """Read and distribute every bucket; every rank then agrees on the outcome."""
     boxes = comm.all_gather_object(targets.boxes()) if targets.has_dtensors else None
     exchange = Exchange(comm, outcome.plan, ShardReader(outcome.root, outcome.plan), dests, boxes,
-                        read_own_slices=options.read_own_slices, window=window,
-                        topology=topology)
+                        read_own_slices=options.read_own_slices, image=image, layout=layout,
+                        topology=topology, node_local=options.locality == "node")
     try:
         failure = exchange.run()
     finally:
         exchange.reader.close()
+        if image is not None:
+            image.close()
     comm.agree(failure, [])
     return exchange
 

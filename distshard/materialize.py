@@ -117,6 +117,18 @@ class ModelTargets:
                 dests[slot.key] = torch.empty(target.box[1], dtype=self.target_dtype(t), device=where)
         return dests
 
+    def all_whole_on_cpu(self) -> bool:
+        """Whether this rank wants every tensor whole (no sharded DTensor) and on the CPU (or on
+        meta, to land on the CPU)."""
+        return all(t.box == ((0,) * t.tensor.dim(), tuple(t.tensor.shape))
+                   and t.tensor.device.type in ("cpu", "meta") for t in self._groups.values())
+
+    def whole_specs(self, plan: LoadPlan) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        """The dtype and shape every key of the plan loads to, when it is loaded whole."""
+        return {s.key: (self.target_dtype(self.by_name[s.key].tensor),
+                        tuple(self.by_name[s.key].tensor.shape))
+                for b in plan.buckets for s in b.slots}
+
     def check_complete(self, loaded: set[str]) -> None:
         """Refuse to commit a model that would keep a tensor on meta."""
         left = sorted(n for t in self._groups.values() if _is_meta(t.tensor)

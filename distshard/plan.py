@@ -136,7 +136,8 @@ def scaled_bucket_size(bucket_size: int, total: int, world_size: int) -> int:
     return min(bucket_size, max(MIN_BUCKET, share))
 
 
-def make_plan(files: Sequence[FileInfo], world_size: int, bucket_size: int) -> LoadPlan:
+def make_plan(files: Sequence[FileInfo], world_size: int, bucket_size: int,
+              readers: Sequence[Sequence[int]] | None = None) -> LoadPlan:
     """Plan the load of the tensors listed in ``files`` (only those the model needs).
 
     Buckets never mix files and keep a file's tensors in file order, so one bucket is one
@@ -147,17 +148,23 @@ def make_plan(files: Sequence[FileInfo], world_size: int, bucket_size: int) -> L
     single-file checkpoint is shared evenly. Buckets of different ranks are interleaved so that
     reads spread over ranks. ``bucket_size`` is an upper bound: a small checkpoint gets smaller
     buckets (:func:`scaled_bucket_size`), recorded in the plan.
+
+    ``readers`` (default: every rank, once) lists groups of ranks that each read the whole
+    checkpoint among themselves — one group per node for node-local loading: the plan then
+    holds one copy of every bucket per group, owned by that group's ranks.
     """
     if bucket_size < 1:
         raise ValueError(f"bucket_size must be positive, got {bucket_size}")
+    readers = [tuple(g) for g in readers] if readers is not None else [tuple(range(world_size))]
     total = sum(t.nbytes for f in files for t in f.tensors.values())
-    bucket_size = scaled_bucket_size(bucket_size, total, world_size)
+    bucket_size = scaled_bucket_size(bucket_size, total, max(len(g) for g in readers))
     ordered = sorted(files, key=lambda f: f.name)
     tape = [b for f in ordered for b in _pack(f, 0, bucket_size)]
-    owners = assign_ranges([sum(s.nbytes for s in b.slots) for b in tape], world_size)
     per_owner: list[list[Bucket]] = [[] for _ in range(world_size)]
-    for bucket, owner in zip(tape, owners):
-        per_owner[owner].append(dataclasses.replace(bucket, owner=owner))
+    for group in readers:
+        owners = assign_ranges([sum(s.nbytes for s in b.slots) for b in tape], len(group))
+        for bucket, owner in zip(tape, owners):
+            per_owner[group[owner]].append(dataclasses.replace(bucket, owner=group[owner]))
     planned = tuple(PlannedFile(f.name, f.kind, f.size, f.mtime_ns) for f in ordered)
     return LoadPlan(world_size, bucket_size, planned, _interleave(per_owner))
 

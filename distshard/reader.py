@@ -36,13 +36,18 @@ class ShardReader:
         self._state: dict[str, torch.Tensor] | None = None
 
     def read(self, bucket: Bucket, buf: torch.Tensor) -> None:
-        """Fill ``buf`` (CPU, uint8, at least ``bucket.nbytes``) with the bucket's tensors."""
+        """Fill ``buf`` (CPU, uint8, at least ``bucket.nbytes``) with the bucket's tensors, each
+        at its slot's offset."""
+        self.read_slots(bucket, [buf[s.offset:s.offset + s.nbytes] for s in bucket.slots])
+
+    def read_slots(self, bucket: Bucket, views: list[torch.Tensor]) -> None:
+        """Fill ``views[i]`` (CPU, uint8, contiguous, ``slots[i].nbytes``) with slot ``i``."""
         with self._naming(bucket.file, bucket.slots[0].key):
             self._open(self.plan.file(bucket.file))
             if self._state is not None:
-                self._copy_from_state(bucket, buf)
+                self._copy_from_state(bucket, views)
             else:
-                self._preadv(bucket, buf)
+                self._preadv(bucket, views)
 
     def read_range(self, file: str, key: str, begin: int, out: torch.Tensor) -> None:
         """Fill contiguous CPU tensor ``out`` with its size in bytes from byte ``begin`` of
@@ -88,14 +93,13 @@ class ShardReader:
         if f.kind == "bin":
             self._state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
 
-    def _preadv(self, bucket: Bucket, buf: torch.Tensor) -> None:
-        host = buf.numpy()
+    def _preadv(self, bucket: Bucket, views: list[torch.Tensor]) -> None:
         runs: list[tuple[int, list[memoryview]]] = []
         end = -1
-        for slot in bucket.slots:
+        for slot, dest in zip(bucket.slots, views):
             if slot.nbytes == 0:
                 continue
-            view = memoryview(host[slot.offset:slot.offset + slot.nbytes])
+            view = memoryview(dest.numpy())
             if slot.begin == end and len(runs[-1][1]) < _MAX_IOV:
                 runs[-1][1].append(view)
             else:
@@ -125,8 +129,8 @@ class ShardReader:
             done += n
         self.bytes_read += want
 
-    def _copy_from_state(self, bucket: Bucket, buf: torch.Tensor) -> None:
-        for slot in bucket.slots:
+    def _copy_from_state(self, bucket: Bucket, views: list[torch.Tensor]) -> None:
+        for slot, dest in zip(bucket.slots, views):
             src = self._state.get(slot.key)
             if src is None or src.dtype != slot.dtype or tuple(src.shape[1:]) != slot.shape[1:]:
                 raise DistShardError(
@@ -134,6 +138,5 @@ class ShardReader:
                     file=bucket.file, key=slot.key)
             if slot.shape:
                 src = src[slot.row:slot.row + slot.shape[0]]
-            dst = buf[slot.offset:slot.offset + slot.nbytes].view(slot.dtype).view(slot.shape)
-            dst.copy_(src)
+            dest.view(slot.dtype).view(slot.shape).copy_(src)
             self.bytes_read += slot.nbytes

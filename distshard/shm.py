@@ -1,48 +1,52 @@
-"""A shared-memory staging window for the ranks of one node. No collectives here.
+"""A node's image of the replicated tensors in shared memory. No collectives here.
 
-Ranks on one machine exchange replicated buckets through a file in ``/dev/shm`` that they all map:
-the bucket's reader writes it once, every local rank copies it into its own parameters. Over gloo
-the alternative is a broadcast through loopback TCP, which moves every byte through the kernel
-once per receiving rank (measured in benchmarks/compare.py).
+Ranks on one machine that all want the same tensors keep one copy of them per node, not one per
+rank: a file in ``/dev/shm`` that every local rank maps. During the load each rank writes the
+tensors it reads (or receives from another node) through a shared mapping; afterwards each rank
+maps the file privately (copy-on-write) and its parameters become views of that mapping. Until a
+rank writes a parameter, its pages are the node's one copy, as with a checkpoint file that every
+rank maps (what transformers does); a write gives that rank its own copy of the page written.
 
-The window is two halves (double buffering: one is read into while the other is copied out), each
-large enough for one bucket per local rank. Its space is reserved with ``posix_fallocate`` so that
-a full ``/dev/shm`` (64 MB in a default Docker container) is an error now, not a SIGBUS later.
-Whether ranks that call themselves one node really share the file is checked: each writes a nonce
-into its header entry and reads every peer's back after a collective.
+The file's space is reserved with ``posix_fallocate`` so that a full ``/dev/shm`` (64 MB in a
+default Docker container) is an error now, not a SIGBUS later. Whether ranks that call themselves
+one node really share the file is checked: each writes a nonce into its header entry and reads
+every peer's back after a collective. The name is removed as soon as that check is done; the
+mappings keep the memory alive, and the kernel frees it when the last of them goes.
 """
 
 from __future__ import annotations
 
 import contextlib
+import mmap
 import os
 
 import torch
 
-__all__ = ["NodeWindow", "SHM_DIR"]
+__all__ = ["NodeImage", "SHM_DIR"]
 
 SHM_DIR = "/dev/shm"
 _HEADER = 4096  # one 8-byte entry per local rank; the data starts page-aligned after it
 _ENTRY = 8
 
 
-class NodeWindow:
-    def __init__(self, token: str, node: int, half_bytes: int, local_ranks: int) -> None:
+class NodeImage:
+    """``nbytes`` of shared memory for one node's ranks, named by the load's ``token``."""
+
+    def __init__(self, token: str, node: int, nbytes: int, local_ranks: int) -> None:
         if local_ranks * _ENTRY > _HEADER:
-            raise ValueError(f"{local_ranks} ranks on one node is more than a window supports")
+            raise ValueError(f"{local_ranks} ranks on one node is more than an image supports")
         self.path = os.path.join(SHM_DIR, f"distshard-{token}-node{node}")
-        self.half_bytes = half_bytes
         self.local_ranks = local_ranks
-        size = _HEADER + 2 * half_bytes
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        self._size = _HEADER + nbytes
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            os.posix_fallocate(fd, 0, size)
+            os.posix_fallocate(self._fd, 0, self._size)
+            self._shared = _map(self._fd, self._size, mmap.MAP_SHARED)
         except OSError:
-            os.close(fd)
+            self.close()
             self.unlink()
             raise
-        os.close(fd)
-        self._data = torch.from_file(self.path, shared=True, size=size, dtype=torch.uint8)
+        self.data = self._shared[_HEADER:]  # written by every local rank during the load
 
     def sign(self, local_index: int, nonce: int) -> None:
         self._entries()[local_index] = nonce
@@ -51,14 +55,29 @@ class NodeWindow:
         """Whether every local rank's entry holds ``nonce``: all of them mapped this very file."""
         return bool((self._entries()[:self.local_ranks] == nonce).all())
 
-    def area(self, half: int, offset: int, nbytes: int) -> torch.Tensor:
-        start = _HEADER + half * self.half_bytes + offset
-        return self._data[start:start + nbytes]
+    def private(self) -> torch.Tensor:
+        """A copy-on-write mapping of the data, once every local rank finished writing: its pages
+        are the node's until this rank writes one. Closes the shared mapping and the file."""
+        view = _map(self._fd, self._size, mmap.MAP_PRIVATE)[_HEADER:]
+        self.close()
+        return view
 
     def unlink(self) -> None:
-        """Remove the name; the mapping lives on until every rank has dropped it."""
+        """Remove the name; the mappings live on until every rank has dropped them."""
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
 
+    def close(self) -> None:
+        self._shared = self.data = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
     def _entries(self) -> torch.Tensor:
-        return self._data[:_HEADER].view(torch.int64)
+        return self._shared[:_HEADER].view(torch.int64)
+
+
+def _map(fd: int, size: int, flags: int) -> torch.Tensor:
+    """The whole file as a uint8 tensor; the tensor keeps the mapping alive."""
+    m = mmap.mmap(fd, size, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    return torch.frombuffer(m, dtype=torch.uint8)

@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from distshard.index import FileInfo, TensorInfo
+from distshard.distribute import ImageLayout
 from distshard.plan import ALIGN, assign_ranges, make_plan
 
 
@@ -103,3 +104,28 @@ def test_every_tensor_is_owned_once_and_the_load_is_balanced(layout, world_size,
     assert sum(loads) == total
     assert max(loads) <= total / world_size + largest  # a share plus one bucket, not one file
     assert make_plan(files, world_size, bucket_size) == plan  # deterministic
+
+
+@settings(max_examples=200, deadline=None)
+@given(layout=layouts, world_size=st.integers(1, 9), bucket_size=st.integers(200, 8000),
+       kind=st.sampled_from(["safetensors", "bin"]),
+       dtype=st.sampled_from([torch.uint8, torch.int16, torch.float64]))
+def test_a_node_image_gives_each_slot_its_own_bytes_and_each_bucket_one_run(
+        layout, world_size, bucket_size, kind, dtype):
+    files = [file_of(f"file{i}", sizes, kind) for i, sizes in enumerate(layout)]
+    plan = make_plan(files, world_size, bucket_size)
+    specs = {k: (dtype, t.shape) for f in files for k, t in f.tensors.items()}
+    image = ImageLayout.of(plan, specs)
+    data = torch.zeros(image.nbytes, dtype=torch.uint8)
+    for i, b in enumerate(plan.buckets):  # mark each bucket's slots with its number
+        for s in b.slots:
+            view = image.slot_bytes(data, s)
+            assert view.numel() == s.nbytes // s.dtype.itemsize * dtype.itemsize
+            assert (view == 0).all(), "two slots share bytes"
+            view.fill_(i % 250 + 1)
+    for i, b in enumerate(plan.buckets):  # a bucket's run holds its own slots (and padding)
+        run = image.bucket_bytes(data, b)
+        assert set(run.unique().tolist()) <= {0, i % 250 + 1}
+    tensors = image.tensors(data)
+    assert {k: v.shape for k, v in tensors.items()} == {k: t[1] for k, t in specs.items()}
+    assert all(t.numel() == 0 or (t.view(torch.uint8) != 0).all() for t in tensors.values())
