@@ -72,11 +72,12 @@ def _shard(model, world_size):
 def _load(loader: str, ckpt: str, sharded: bool, rank: int, world_size: int):
     import distshard
 
-    if loader == "distshard":
+    if loader in ("distshard", "distshard-node"):
         model = _meta_model(ckpt)
         if sharded:
             _shard(model, world_size)
-        distshard.load(model, ckpt, log_summary=False)
+        locality = "node" if loader == "distshard-node" else "cluster"
+        distshard.load(model, ckpt, log_summary=False, locality=locality)
         return model
     if loader == "transformers":
         from transformers import AutoModelForCausalLM

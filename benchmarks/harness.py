@@ -63,7 +63,8 @@ def finish_block(block: list[dict], bound_seconds: float) -> None:
 
     ``x fastest peer``: time over the fastest other loader's; ``x bound``: time over
     ``bound_seconds`` (the checkpoint at the scenario's storage bandwidth)."""
-    peers = [r["seconds"] for r in block if "seconds" in r and r["loader"] != "distshard"]
+    peers = [r["seconds"] for r in block
+             if "seconds" in r and not r["loader"].startswith("distshard")]
     for r in block:
         if "error" in r:
             print(f"{r['scenario']:<9} {r['mode']:<10} {r['ranks']:>5} {r['loader']:<13} failed: "

@@ -44,7 +44,8 @@ from harness import (  # noqa: E402
     sample_checkpoint,
 )
 
-LOADERS = ["distshard", "transformers", "accelerate", "rank0-bcast", "dcp"]
+# distshard-node: locality="node" (each node reads the whole checkpoint; nothing crosses nodes)
+LOADERS = ["distshard", "distshard-node", "transformers", "accelerate", "rank0-bcast", "dcp"]
 
 
 def worker(loader: str, mode: str, ckpt: str, out: str) -> None:

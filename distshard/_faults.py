@@ -3,7 +3,8 @@
 Set ``FAULT = ("read", 1)`` (raise), ``("read", 1, "kill")`` (SIGKILL itself) or
 ``("read", 1, "stall")`` (sleep ``STALL_SECONDS``) in a test, or ``FAULT = callable(phase, rank)``
 to run any code there; or ``DISTSHARD_INJECT_FAULT=read:1[:kill|stall]`` in the environment of a
-torchrun job. Phases: validate, plan, read, distribute, materialize. Never set in production.
+torchrun job. Phases of a load: validate, plan, read, distribute, materialize; of a save: write.
+Never set in production.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from collections.abc import Callable
 
 __all__ = ["FAULT", "PHASES", "STALL_SECONDS", "check"]
 
-PHASES = ("validate", "plan", "read", "distribute", "materialize")
+PHASES = ("validate", "plan", "read", "distribute", "materialize")  # of a load
 FAULT: tuple | Callable[[str, int], None] | None = None
 STALL_SECONDS = 60.0
 

@@ -64,22 +64,26 @@ def _plan(args) -> dict:
         raise SystemExit(f"distshard plan: --world-size ({args.world_size}) must be a positive "
                          f"multiple of --nodes ({args.nodes})")
     ckpt, files = _describe(args.checkpoint)
-    plan = make_plan(files, args.world_size, args.bucket_size)
-    per_rank = plan.bytes_per_rank()
     per_node_ranks = args.world_size // args.nodes
-    per_node = [sum(per_rank[n * per_node_ranks:(n + 1) * per_node_ranks]) for n in range(args.nodes)]
-    total = sum(per_rank)
-    mean = total / args.world_size if args.world_size else 0
+    groups = [range(n * per_node_ranks, (n + 1) * per_node_ranks) for n in range(args.nodes)]
+    plan = make_plan(files, args.world_size, args.bucket_size,
+                     groups if args.locality == "node" else None)
+    per_rank = plan.bytes_per_rank()
+    per_node = [sum(per_rank[r] for r in g) for g in groups]
+    total = sum(t.nbytes for f in files for t in f.tensors.values())
+    mean = sum(per_rank) / args.world_size if args.world_size else 0
     return dict(
         checkpoint=ckpt.root, world_size=args.world_size, nodes=args.nodes,
+        locality=args.locality,
         bucket_bytes=plan.bucket_size, buckets=len(plan.buckets),
         ranks=[dict(rank=r, node=r // per_node_ranks, read_bytes=b,
                     buckets=sum(1 for k in plan.buckets if k.owner == r),
                     files=sorted({k.file for k in plan.buckets if k.owner == r}))
                for r, b in enumerate(per_rank)],
-        node_read_bytes=per_node, total_bytes=total,
+        node_read_bytes=per_node, total_bytes=total, job_read_bytes=sum(per_rank),
         balance=max(per_rank) / mean if mean else 1.0,
-        replicated=dict(holds_per_rank=total, staging_per_rank=2 * plan.bucket_size),
+        replicated=dict(holds_per_node=total, holds_per_rank=total,
+                        staging_per_rank=plan.bucket_size),
         sharded=dict(holds_per_rank=-(-total // args.world_size),
                      staging_per_rank=2 * plan.bucket_size))
 
@@ -132,16 +136,20 @@ def _print_summary(d: dict, verified: bool) -> None:
 
 
 def _print_plan(d: dict) -> None:
+    once = "once per job" if d["locality"] == "cluster" else "once per node"
     print(f"plan for {d['world_size']} rank(s) on {d['nodes']} node(s): {d['buckets']} buckets "
-          f"of up to {_gb(d['bucket_bytes'])}, each byte read once per job")
+          f"of up to {_gb(d['bucket_bytes'])}, each byte read {once} "
+          f"({_gb(d['job_read_bytes'])} in all)")
     print(f"{'rank':>4} {'node':>4} {'reads':>10} {'buckets':>7}  files")
     for r in d["ranks"]:
         print(f"{r['rank']:>4} {r['node']:>4} {_gb(r['read_bytes']):>10} {r['buckets']:>7}  "
               f"{', '.join(r['files'])}")
     print("per node    " + ", ".join(f"node {n}: {_gb(b)}" for n, b in enumerate(d["node_read_bytes"])))
     print(f"balance     heaviest rank reads {d['balance']:.2f} x the mean")
-    print(f"replicated  each rank holds {_gb(d['replicated']['holds_per_rank'])} "
-          f"+ at most {_gb(d['replicated']['staging_per_rank'])} staging")
+    print(f"replicated  each node holds {_gb(d['replicated']['holds_per_node'])} in /dev/shm, "
+          f"its ranks' tensors copy-on-write views of it (gloo/CPU; else each rank "
+          f"{_gb(d['replicated']['holds_per_rank'])}), + at most "
+          f"{_gb(d['replicated']['staging_per_rank'])} staging")
     print(f"sharded     each rank holds about {_gb(d['sharded']['holds_per_rank'])} "
           f"+ at most {_gb(d['sharded']['staging_per_rank'])} staging")
 
@@ -180,6 +188,8 @@ def _parser() -> argparse.ArgumentParser:
             c.add_argument("--nodes", type=int, default=1)
             c.add_argument("--bucket-size", type=int, default=DEFAULT_BUCKET_SIZE,
                            help="bytes (default %(default)s)")
+            c.add_argument("--locality", choices=["cluster", "node"], default="cluster",
+                           help="read each byte once per job, or once per node")
         if name == "verify":
             c.add_argument("--hash", action="store_true", help="sha256 of every file, in parallel")
     text = "rewrite as safetensors files of another size, streamed, into a new folder"

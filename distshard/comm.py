@@ -29,7 +29,9 @@ class Comm:
     the same bounded operations.
     """
 
-    def __init__(self, group: dist.ProcessGroup | None = None, timeout: timedelta | None = None) -> None:
+    def __init__(self, group: dist.ProcessGroup | None = None, timeout: timedelta | None = None,
+                 action: str = "load") -> None:
+        self.action = action  # what failed, in the errors agree raises
         self.distributed = dist.is_available() and dist.is_initialized()
         if group is not None and not self.distributed:
             raise ValueError("group= was given but torch.distributed is not initialised")
@@ -113,7 +115,8 @@ class Comm:
         rows = self.all_gather(row)
         if any(int(r[0]) for r in rows):
             failures = self.all_gather_object(failure)
-            raise DistShardError.from_failures([f for f in failures if f is not None])
+            raise DistShardError.from_failures([f for f in failures if f is not None],
+                                               self.action)
         return [r[1:].tolist() for r in rows]
 
 

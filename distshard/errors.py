@@ -48,10 +48,11 @@ class DistShardError(RuntimeError):
         self.failures = failures
 
     @classmethod
-    def from_failures(cls, failures: list[RankFailure] | tuple[RankFailure, ...]) -> DistShardError:
+    def from_failures(cls, failures: list[RankFailure] | tuple[RankFailure, ...],
+                      action: str = "load") -> DistShardError:
         ordered = tuple(sorted(failures, key=lambda f: (f.rank, f.phase)))
         ranks = ", ".join(str(f.rank) for f in ordered)
-        lines = [f"distshard: load failed on rank(s) {ranks}:"]
+        lines = [f"distshard: {action} failed on rank(s) {ranks}:"]
         lines += [f"  {f.describe()}" for f in ordered]
         first_file = next((f.file for f in ordered if f.file is not None), None)
         first_key = next((f.key for f in ordered if f.key is not None), None)

@@ -21,6 +21,7 @@ from .errors import DistShardError
 from .index import describe_file, find_checkpoint
 from .materialize import ModelTargets
 from .plan import LoadPlan, make_plan
+from .progress import JobProgress, progress_wanted
 from .reader import ShardReader
 from .report import LoadReport, PeakMemorySampler
 from .shm import SHM_DIR, NodeImage
@@ -51,6 +52,7 @@ class LoadOptions:
     log_summary: bool = True
     shared_memory: bool | None = None
     locality: str = "cluster"
+    progress: bool | None = None
 
     def __post_init__(self) -> None:
         if self.locality not in ("cluster", "node"):
@@ -79,7 +81,8 @@ class _Outcome:
     loaded_keys: tuple[str, ...]
     missing_keys: tuple[str, ...]
     unexpected_keys: tuple[str, ...]
-    token: str  # names this load's node images in shared memory
+    token: str  # names this load's node images in shared memory, and its progress counter
+    progress: bool  # whether rank 0 draws a progress bar (so the others count)
 
 
 def load(
@@ -96,6 +99,7 @@ def load(
     log_summary: bool = True,
     shared_memory: bool | None = None,
     locality: str = "cluster",
+    progress: bool | None = None,
 ) -> LoadReport:
     """Load ``checkpoint`` into ``model`` on every rank of ``group``, each byte read by one rank.
 
@@ -122,22 +126,30 @@ def load(
     ``locality="cluster"`` (default) reads every byte once per job and sends it to the nodes
     that need it; ``"node"`` has each node read the whole checkpoint once, shared among its own
     ranks, and sends nothing between nodes (for node-local disks or a slow interconnect).
+
+    ``progress``: rank 0 draws one bar for the whole job (bytes read by all ranks, GB/s, ETA)
+    on the ``distshard.progress`` logger; None does so when rank 0's stderr is a terminal and
+    ``DISTSHARD_PROGRESS`` is not ``0`` (see :mod:`distshard.progress`).
     """
     options = LoadOptions(device=device, dtype=dtype, strict=strict, bucket_size=bucket_size,
                           read_own_slices=read_own_slices, timeout=timeout,
                           log_summary=log_summary, shared_memory=shared_memory,
-                          locality=locality)
+                          locality=locality, progress=progress)
     comm = Comm(group, options.timeout)
     target_device = options.device or comm.device
     started = time.perf_counter()
     with PeakMemorySampler() as memory:
         try:
             targets, outcome, topology = _plan(model, checkpoint, comm, options)
-            dests, image, layout = _allocate(targets, outcome, topology, comm, target_device,
-                                             options)
-            exchange = _distribute(targets, outcome, dests, comm, options, image, layout, topology)
-            del image
-            stats = _prepare_commit(targets, outcome, comm, exchange, memory)
+            with JobProgress(sum(outcome.plan.bytes_per_rank()), rank=comm.rank,
+                             key=outcome.token, store=_store(comm),
+                             enabled=outcome.progress) as progress:
+                dests, image, layout = _allocate(targets, outcome, topology, comm,
+                                                 target_device, options)
+                exchange = _distribute(targets, outcome, dests, comm, options, image, layout,
+                                       topology, progress)
+                del image
+                stats = _prepare_commit(targets, outcome, comm, exchange, memory, started)
         except DistShardError:
             raise
         except Exception as e:  # a collective broke: a peer exited or the group timed out
@@ -153,7 +165,8 @@ def load(
         bytes_read_per_rank=[s[0] for s in stats], total_bytes_read=sum(s[0] for s in stats),
         bytes_received=exchange.bytes_received, bytes_received_per_rank=[s[2] for s in stats],
         seconds=time.perf_counter() - started, peak_host_memory=memory.peak_above_baseline,
-        peak_host_memory_per_rank=[s[1] for s in stats])
+        peak_host_memory_per_rank=[s[1] for s in stats],
+        seconds_per_rank=[s[3] / 1e6 for s in stats], node_of_rank=list(topology.node_of))
     if options.log_summary and comm.rank == 0:
         logger.info(report.summary())
     return report
@@ -187,7 +200,8 @@ def _plan(model, checkpoint, comm: Comm,
             readers = [topology.ranks_on(n) for n in range(topology.num_nodes)]
         plan = make_plan(match.files, comm.world_size, options.bucket_size, readers)
         outcome = _Outcome(root, plan, match.loaded_keys, match.missing_keys,
-                           match.unexpected_keys, secrets.token_hex(8))
+                           match.unexpected_keys, secrets.token_hex(8),
+                           progress_wanted(0) if options.progress is None else options.progress)
     return targets, comm.broadcast_object(outcome), topology
 
 
@@ -261,14 +275,16 @@ def _wants_image(targets: ModelTargets, comm: Comm, device: torch.device,
 
 def _distribute(targets: ModelTargets, outcome: _Outcome, dests, comm: Comm,
                 options: LoadOptions, image: NodeImage | None, layout: ImageLayout | None,
-                topology: Topology) -> Exchange:
+                topology: Topology, progress: JobProgress) -> Exchange:
     """Read and distribute every bucket; every rank then agrees on the outcome."""
     boxes = comm.all_gather_object(targets.boxes()) if targets.has_dtensors else None
-    exchange = Exchange(comm, outcome.plan, ShardReader(outcome.root, outcome.plan), dests, boxes,
+    reader = ShardReader(outcome.root, outcome.plan, on_read=progress.advance)
+    exchange = Exchange(comm, outcome.plan, reader, dests, boxes,
                         read_own_slices=options.read_own_slices, image=image, layout=layout,
                         topology=topology, node_local=options.locality == "node")
     try:
         failure = exchange.run()
+        progress.flush()  # every rank's count is in before the last agreement
     finally:
         exchange.reader.close()
         if image is not None:
@@ -278,12 +294,23 @@ def _distribute(targets: ModelTargets, outcome: _Outcome, dests, comm: Comm,
 
 
 def _prepare_commit(targets: ModelTargets, outcome: _Outcome, comm: Comm, exchange: Exchange,
-                    memory: PeakMemorySampler) -> list[list[int]]:
+                    memory: PeakMemorySampler, started: float) -> list[list[int]]:
     failure = None
     try:
         _faults.check("materialize", comm.rank)
         targets.check_complete(set(outcome.loaded_keys))
     except Exception as e:
         failure = failure_of(e, comm.rank, "materialize")
+    micros = int((time.perf_counter() - started) * 1e6)
     return comm.agree(failure, [exchange.reader.bytes_read, memory.peak_above_baseline,
-                                exchange.bytes_received])
+                                exchange.bytes_received, micros])
+
+
+def _store(comm: Comm):
+    """The job's c10d store, where the progress counter lives (None in one process)."""
+    if not comm.distributed:
+        return None
+    try:
+        return dist.distributed_c10d._get_default_store()
+    except Exception:  # no default store (a private API; progress then counts locally)
+        return None

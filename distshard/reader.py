@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Callable
 
 import torch
 
@@ -26,9 +27,11 @@ class ShardReader:
     """Reads the buckets one rank owns, and the byte ranges of its own slices. Keeps one file
     open at a time (buckets of one file are consecutive in each owner's sequence)."""
 
-    def __init__(self, root: str, plan: LoadPlan) -> None:
+    def __init__(self, root: str, plan: LoadPlan,
+                 on_read: Callable[[int], None] | None = None) -> None:
         self.root = root
         self.plan = plan
+        self.on_read = on_read  # told the bytes of each read as it completes (progress)
         self.bytes_read = 0
         self.files_read: list[str] = []
         self._name: str | None = None
@@ -127,7 +130,7 @@ class ShardReader:
                     f"file {file!r} ended early: wanted {want} bytes at offset {begin}, "
                     f"got {done}", file=file, key=key)
             done += n
-        self.bytes_read += want
+        self._count(want)
 
     def _copy_from_state(self, bucket: Bucket, views: list[torch.Tensor]) -> None:
         for slot, dest in zip(bucket.slots, views):
@@ -139,4 +142,9 @@ class ShardReader:
             if slot.shape:
                 src = src[slot.row:slot.row + slot.shape[0]]
             dest.view(slot.dtype).view(slot.shape).copy_(src)
-            self.bytes_read += slot.nbytes
+            self._count(slot.nbytes)
+
+    def _count(self, nbytes: int) -> None:
+        self.bytes_read += nbytes
+        if self.on_read is not None:
+            self.on_read(nbytes)

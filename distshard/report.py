@@ -29,12 +29,24 @@ class LoadReport:
     peak_host_memory: int
     peak_host_memory_per_rank: list[int] = field(default_factory=list)
     seconds_per_rank: list[float] = field(default_factory=list)  # each rank's own load time
+    node_of_rank: list[int] = field(default_factory=list)  # nodes numbered by their lowest rank
+
+    @property
+    def bytes_read_per_node(self) -> list[int]:
+        """Bytes each node read from storage (one node when ``node_of_rank`` is empty)."""
+        nodes = self.node_of_rank or [0] * self.world_size
+        out = [0] * (max(nodes) + 1)
+        for node, n in zip(nodes, self.bytes_read_per_rank):
+            out[node] += n
+        return out
 
     def summary(self) -> str:
         """One line for a log: what was loaded, by how many ranks, how fast (naming the slowest
         rank), and the peak private host memory of each rank."""
+        nodes = len(set(self.node_of_rank))
+        where = f"{self.world_size} rank(s)" + (f" on {nodes} nodes" if nodes > 1 else "")
         head = (f"distshard: loaded {len(self.loaded_keys)} tensors, {_gb(self.total_bytes_read)} "
-                f"read once across {self.world_size} rank(s) in {self.seconds:.2f} s")
+                f"read across {where} in {self.seconds:.2f} s")
         if self.seconds_per_rank:
             slowest = max(range(len(self.seconds_per_rank)), key=self.seconds_per_rank.__getitem__)
             head += (f"; slowest rank {slowest} ({self.seconds_per_rank[slowest]:.2f} s, "

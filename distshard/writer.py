@@ -374,7 +374,7 @@ def save(
         timeout = timedelta(seconds=timeout)
     if not isinstance(timeout, timedelta) or timeout.total_seconds() <= 0:
         raise ValueError(f"timeout must be a positive timedelta or seconds, got {timeout!r}")
-    comm = Comm(group, timeout)
+    comm = Comm(group, timeout, action="save")
     directory = os.path.abspath(os.fspath(directory))
     started = time.perf_counter()
     plan = None
@@ -382,10 +382,9 @@ def save(
         tensors, plan = _plan(model, directory, limit, comm)
         stats, written = _write(tensors, plan, directory, comm)
         _commit(model, plan, directory, written, comm)
-    except DistShardError as e:
+    except DistShardError:
         _clean(directory, plan)
-        raise DistShardError(str(e).replace("load failed", "save failed", 1), file=e.file,
-                             key=e.key, failures=e.failures) from None
+        raise
     except Exception as e:  # a collective broke: a peer exited or the group timed out
         _clean(directory, plan)
         raise DistShardError(

@@ -1,6 +1,8 @@
-"""The multi-node job: every rank loads the checkpoint with distshard, replicated and then
-sharded with FSDP2, and checks both bitwise against transformers' single-process
-``from_pretrained`` of the same folder. One line per rank, then exit 0 only if all are equal.
+"""The multi-node job: every rank loads the checkpoint with distshard, replicated (each byte
+read once per job, then each node reading it once: ``locality="node"``) and sharded with FSDP2,
+and checks each bitwise against transformers' single-process ``from_pretrained`` of the same
+folder. One line per rank with the bytes each node read in both localities, then exit 0 only if
+all are equal.
 
     docker/node.sh NODE_RANK      # starts this under torchrun; see docker/compose.yaml
 
@@ -51,6 +53,10 @@ def main() -> int:
     reference = AutoModelForCausalLM.from_pretrained(ckpt)  # what one process alone would get
     model, report = from_pretrained(AutoModelForCausalLM, ckpt, return_report=True)
     replicated = first_difference(model, reference)
+    # each node reads the whole checkpoint itself, shared among its ranks; nothing crosses nodes
+    model, local = from_pretrained(AutoModelForCausalLM, ckpt, return_report=True,
+                                   locality="node")
+    replicated = replicated or first_difference(model, reference)
     mesh = init_device_mesh("cpu", (world,))
     sharded = first_difference(from_pretrained(AutoModelForCausalLM, ckpt, device_mesh=mesh),
                                reference)
@@ -60,6 +66,8 @@ def main() -> int:
     print(f"distshard-job rank={rank} world={world} node={os.environ.get('GROUP_RANK')} "
           f"local_rank={os.environ.get('LOCAL_RANK')} nodes={nodes} "
           f"tensors={len(report.loaded_keys)} bytes_read={report.bytes_read} "
+          f"per_node_cluster={_csv(report.bytes_read_per_node)} "
+          f"per_node_node={_csv(local.bytes_read_per_node)} "
           f"replicated={'bitwise-equal' if replicated is None else 'DIFFERS:' + replicated} "
           f"fsdp2={'bitwise-equal' if sharded is None else 'DIFFERS:' + sharded} "
           f"(against single-process transformers from_pretrained)", flush=True)
@@ -67,6 +75,10 @@ def main() -> int:
     dist.barrier()  # every rank done with its last collective before teardown
     dist.destroy_process_group()
     return 0 if all(results) else 1
+
+
+def _csv(values: list[int]) -> str:
+    return ",".join(str(v) for v in values)
 
 
 def _all_gather(obj: object) -> list:

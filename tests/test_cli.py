@@ -85,6 +85,17 @@ def test_plan_reads_every_byte_once_balanced_by_bytes(checkpoints, capsys, world
     assert d["sharded"]["holds_per_rank"] * world_size >= d["total_bytes"]
 
 
+def test_plan_with_node_locality_reads_the_checkpoint_once_per_node(checkpoints, capsys):
+    code, d = run_json(capsys, "plan", checkpoints["llama"], "--world-size", "6", "--nodes", "3",
+                       "--bucket-size", "8192", "--locality", "node")
+    assert code == 0 and d["locality"] == "node"
+    assert d["node_read_bytes"] == [d["total_bytes"]] * 3
+    assert d["job_read_bytes"] == 3 * d["total_bytes"]
+    for node in range(3):  # each node's own ranks share its reads, balanced
+        reads = [r["read_bytes"] for r in d["ranks"] if r["node"] == node]
+        assert max(reads) <= d["total_bytes"] / 2 + d["bucket_bytes"]
+
+
 def test_plan_refuses_ranks_that_do_not_divide_into_nodes(checkpoints):
     with pytest.raises(SystemExit, match="multiple of --nodes"):
         main(["plan", checkpoints["llama"], "--world-size", "3", "--nodes", "2"])

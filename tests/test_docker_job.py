@@ -14,11 +14,13 @@ import time
 from pathlib import Path
 
 import pytest
+from safetensors import safe_open
 
 DOCKER = Path(__file__).resolve().parent.parent / "docker"
 DEADLINE = 150
 LINE = re.compile(r"^distshard-job rank=(\d+) world=(\d+) node=(\d+) local_rank=(\d+) nodes=(\d+) "
-                  r"tensors=(\d+) bytes_read=(\d+) replicated=(\S+) fsdp2=(\S+)", re.M)
+                  r"tensors=(\d+) bytes_read=(\d+) per_node_cluster=(\S+) per_node_node=(\S+) "
+                  r"replicated=(\S+) fsdp2=(\S+)", re.M)
 
 
 def _free_port() -> int:
@@ -77,16 +79,24 @@ def test_two_agents_load_bitwise_equal(tmp_path):
     assert codes == [0, 0], f"agents exited {codes}:\n{text[-6000:]}"
     rows = {int(m[0]): m for m in LINE.findall(text)}
     assert sorted(rows) == [0, 1, 2, 3], text[-6000:]
-    for rank, (_, world, node, local, nodes, tensors, read, replicated, fsdp2) in rows.items():
+    for rank, (_, world, node, local, nodes, tensors, read, cluster, per_node, replicated,
+               fsdp2) in rows.items():
         assert (world, nodes) == ("4", "2"), rows[rank]
         assert (int(node), int(local)) == divmod(rank, 2), rows[rank]  # torchrun's rank order
         assert replicated == fsdp2 == "bitwise-equal", rows[rank]
         assert int(tensors) > 0
-    # each byte read once across the job: every rank read a share, none the whole
+    # locality="cluster": each byte read once across the job, every rank a share
     reads = [int(rows[r][6]) for r in range(4)]
-    total = sum(os.path.getsize(os.path.join(checkpoint, f)) for f in os.listdir(checkpoint)
-                if f.endswith(".safetensors"))
-    assert all(n > 0 for n in reads) and sum(reads) <= total, (reads, total)
+    tensor_bytes = 0
+    for f in os.listdir(checkpoint):
+        if f.endswith(".safetensors"):
+            with safe_open(os.path.join(checkpoint, f), "pt") as st:
+                tensor_bytes += sum(st.get_tensor(k).nbytes for k in st.keys())
+    assert all(n > 0 for n in reads) and sum(reads) == tensor_bytes, (reads, tensor_bytes)
+    cluster = [int(n) for n in rows[0][7].split(",")]
+    assert len(cluster) == 2 and sum(cluster) == tensor_bytes and 0 < min(cluster), cluster
+    # locality="node": each node read the whole checkpoint once
+    assert [int(n) for n in rows[0][8].split(",")] == [tensor_bytes, tensor_bytes], rows[0]
 
 
 def test_compose_file_describes_the_job():

@@ -7,8 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from distshard.index import FileInfo, TensorInfo
 from distshard.distribute import ImageLayout
+from distshard.index import FileInfo, TensorInfo
 from distshard.plan import ALIGN, assign_ranges, make_plan
 
 

@@ -248,7 +248,7 @@ def test_summary_names_the_slowest_rank_by_time_and_each_ranks_peak_memory():
     text = _report(seconds_per_rank=[1.5, 2.0, 3.25]).summary()
     assert "slowest rank 2 (3.25 s, read 2.00 MB)" in text, text  # not rank 1, which read most
     assert "peak private host memory per rank 1.50 MB, 2.25 MB, 0.75 MB" in text, text
-    assert "loaded 2 tensors, 0.010 GB read once across 3 rank(s) in 4.00 s;" in text, text
+    assert "loaded 2 tensors, 0.010 GB read across 3 rank(s) in 4.00 s;" in text, text
     assert text.endswith("0 missing, 1 unexpected keys") and "\n" not in text
 
 
@@ -265,3 +265,30 @@ def test_summary_of_many_ranks_gives_the_range_of_peak_memory():
                    peak_host_memory_per_rank=memory, seconds_per_rank=[1.0] * n).summary()
     assert "per rank from 1.00 MB (rank 0) to 9.00 MB (rank 5)" in text, text
     assert "slowest rank 0 (1.00 s" in text
+
+
+def _load_with_progress(rank: int, world_size: int, path: str, progress) -> dict:
+    from checkpoints import empty_model
+
+    import distshard
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("distshard.progress").addHandler(handler)
+    logging.getLogger("distshard.progress").setLevel(logging.INFO)
+    report = distshard.load(empty_model("llama"), path, bucket_size=8192, progress=progress)
+    return dict(lines=[r.getMessage() for r in records], total=report.total_bytes_read,
+                summary=report.summary(), seconds=report.seconds_per_rank)
+
+
+@pytest.mark.multiprocess
+def test_a_load_draws_the_jobs_bytes_on_rank_0_only(checkpoints):
+    results = run_ranks(_load_with_progress, 3, checkpoints["llama"], True, timeout=120)
+    lines, total = results[0]["lines"], results[0]["total"]
+    assert lines and "done in" in lines[-1], lines
+    assert f"{total / 1e6:.2f} MB / {total / 1e6:.2f} MB (100%)" in lines[-1], (lines[-1], total)
+    assert results[1]["lines"] == results[2]["lines"] == []  # the others stay quiet
+    assert len(results[0]["seconds"]) == 3 and "slowest rank" in results[0]["summary"]
+    off = run_ranks(_load_with_progress, 2, checkpoints["llama"], None, timeout=120)
+    assert all(r["lines"] == [] for r in off)  # no terminal here: no bar unless asked
