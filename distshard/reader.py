@@ -38,6 +38,15 @@ class ShardReader:
         self._fd: int | None = None
         self._state: dict[str, torch.Tensor] | None = None
 
+    def clone(self) -> ShardReader:
+        """Another reader of the same plan, with its own open file (one per thread)."""
+        return ShardReader(self.root, self.plan, self.on_read)
+
+    def absorb(self, other: ShardReader) -> None:
+        """Count what a clone read as this reader's."""
+        self.bytes_read += other.bytes_read
+        self.files_read += [f for f in other.files_read if f not in self.files_read]
+
     def read(self, bucket: Bucket, buf: torch.Tensor) -> None:
         """Fill ``buf`` (CPU, uint8, at least ``bucket.nbytes``) with the bucket's tensors, each
         at its slot's offset."""

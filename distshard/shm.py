@@ -7,8 +7,13 @@ maps the file privately (copy-on-write) and its parameters become views of that 
 rank writes a parameter, its pages are the node's one copy, as with a checkpoint file that every
 rank maps (what transformers does); a write gives that rank its own copy of the page written.
 
-The file's space is reserved with ``posix_fallocate`` so that a full ``/dev/shm`` (64 MB in a
-default Docker container) is an error now, not a SIGBUS later. Whether ranks that call themselves
+The file is sized with ``ftruncate``, its pages allocated as ranks write them (in parallel, by
+the readers), after a check that ``/dev/shm`` has room for it: a full ``/dev/shm`` (64 MB in a
+default Docker container) is then an error before the load, which falls back to the backend.
+(Reserving the space with ``posix_fallocate`` instead zeroes every page up front, in one thread,
+while every rank waits: 0.1-0.3 s per GB here. What it would still catch is another process
+filling ``/dev/shm`` during the load; that shows as a failed read, or as a SIGBUS if it happens
+while converting dtypes.) Whether ranks that call themselves
 one node really share the file is checked: each writes a nonce into its header entry and reads
 every peer's back after a collective. The name is removed as soon as that check is done; the
 mappings keep the memory alive, and the kernel frees it when the last of them goes.
@@ -17,6 +22,7 @@ mappings keep the memory alive, and the kernel frees it when the last of them go
 from __future__ import annotations
 
 import contextlib
+import errno
 import mmap
 import os
 
@@ -38,9 +44,14 @@ class NodeImage:
         self.path = os.path.join(SHM_DIR, f"distshard-{token}-node{node}")
         self.local_ranks = local_ranks
         self._size = _HEADER + nbytes
+        room = os.statvfs(SHM_DIR)
+        if room.f_bavail * room.f_frsize < self._size:
+            raise OSError(errno.ENOSPC, f"{room.f_bavail * room.f_frsize / 1e6:.1f} MB free, "
+                          f"{self._size / 1e6:.1f} MB needed")
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            os.posix_fallocate(self._fd, 0, self._size)
+            if os.fstat(self._fd).st_size != self._size:
+                os.ftruncate(self._fd, self._size)
             self._shared = _map(self._fd, self._size, mmap.MAP_SHARED)
         except OSError:
             self.close()

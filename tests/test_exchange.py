@@ -187,3 +187,34 @@ def test_node_locality_reads_the_checkpoint_once_per_node_and_loads_the_same(che
             assert sum(per_node) == r["expected"], (mode, per_node)
         else:  # every node read the whole checkpoint itself
             assert per_node == [r["expected"]] * len(per_node), (mode, per_node)
+
+
+def _small_shm(rank: int, world_size: int, path: str, shared_memory) -> object:
+    import types
+
+    # /dev/shm with 16 KB free (less than the model), as in a container with a small shm_size;
+    # this rank's process is its own, so patching os here touches nothing else
+    os.statvfs = lambda path: types.SimpleNamespace(f_bavail=4, f_frsize=4096)
+    model = empty_model("llama")
+    warnings = []
+    handler = logging.Handler()
+    handler.emit = warnings.append
+    logging.getLogger("distshard").addHandler(handler)
+    try:
+        report = distshard.load(model, path, shared_memory=shared_memory)
+    except distshard.DistShardError as e:
+        assert all(p.is_meta for p in model.parameters())
+        return str(e)
+    assert_same(model, reference("llama", path), f"rank {rank}")
+    return [w.getMessage() for w in warnings], report.peak_host_memory
+
+
+def test_a_small_dev_shm_falls_back_to_the_backend_or_fails_as_asked(checkpoints):
+    before = _images_left()
+    results = run_ranks(_small_shm, 2, checkpoints["llama"], None, timeout=DEADLINE)
+    for warnings, _ in results:
+        assert any("MB free" in w and "through the backend" in w for w in warnings), warnings
+    results = run_ranks(_small_shm, 2, checkpoints["llama"], True, timeout=DEADLINE)
+    assert len(set(results)) == 1 and "shared_memory=True" in results[0], results
+    assert "MB free" in results[0]
+    assert _images_left() <= before
