@@ -208,6 +208,9 @@ def _safetensors_header(path: str, name: str) -> dict[str, TensorInfo]:
                               file=name, key=key)
 
     with open(path, "rb", buffering=0) as f:
+        # No read-ahead: it would pull megabytes of tensor data into this node's page cache,
+        # bytes that ranks of other nodes read from their own copies.
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_RANDOM)
         size = os.fstat(f.fileno()).st_size
         head = f.read(8)
         if len(head) < 8:
