@@ -63,8 +63,12 @@ def test_corpus_on_three_ranks(corpus_roots):
 
 
 def _die_or_stall(rank: int, world_size: int, path: str, fault: tuple) -> dict:
+    import torch.distributed as dist
     from corpus import SPEC
 
+    # Every rank connected before one dies: a rank killed while a peer is still inside
+    # init_process_group fails that peer there, in gloo, before distshard is called.
+    dist.barrier()
     _faults.FAULT, _faults.STALL_SECONDS = fault, 8.0
     model = SpecModel(SPEC)
     started = time.monotonic()
