@@ -30,8 +30,9 @@ from .topology import Topology
 
 __all__ = ["Exchange", "ImageLayout", "READERS"]
 
-# Reads in flight per rank into a node image. Two ranks of one reader each left this machine's
-# disk at 0.8-1.0 GB/s; four streams reached 1.2-1.4 GB/s (benchmarks, notes in the README).
+# Reads in flight per rank (node image, and own rows of sharded tensors). With one reader per
+# rank this machine's disk gave 0.8-1.0 GB/s to 2 ranks; with two, 1.1-1.4 GB/s (replicated, 4
+# ranks: 1.35 -> 0.9 s of reading; sharded, 4 ranks: 1.33-1.43 -> 1.20-1.23 s per load).
 READERS = 2
 
 
@@ -53,9 +54,11 @@ class Exchange:
         self.failure: RankFailure | None = None
         self.bytes_received = 0  # from other ranks, through the collectives
         self._filled: dict[str, int] = {}  # elements written into each destination
+        self._filled_lock = threading.Lock()
 
     def run(self) -> RankFailure | None:
         whole: list[Bucket] = []  # consecutive buckets every rank wants whole
+        own: list[tuple[str, tuple[Piece, ...]]] = []  # pieces this rank reads itself, pending
         for bucket in self.plan.buckets:
             if self.comm.rank not in self._members(bucket):
                 continue
@@ -70,9 +73,12 @@ class Exchange:
             self._replicate(whole)
             whole = []
             if self._each_reads_own(bucket, every):
-                self._guard("read", self._read_own, bucket.file, layouts[self.comm.rank][0])
+                own.append((bucket.file, layouts[self.comm.rank][0]))
             else:
+                self._read_own_pieces(own)
+                own = []
                 self._send_slices(bucket, layouts)
+        self._read_own_pieces(own)
         self._replicate(whole)
         self._guard("distribute", self._check_filled)
         return self.failure
@@ -169,7 +175,8 @@ class Exchange:
         return self.topology.ranks_on(self.topology.node_of[bucket.owner])
 
     def _fill(self, key: str, box) -> None:
-        self._filled[key] = self._filled.get(key, 0) + _numel(box[1])
+        with self._filled_lock:  # reader threads fill pieces of one tensor side by side
+            self._filled[key] = self._filled.get(key, 0) + _numel(box[1])
 
     def _check_filled(self) -> None:
         """As many elements arrived for each destination as it holds: a plan that missed a row
@@ -247,7 +254,32 @@ class Exchange:
         return (all(p.box[1][1:] == p.slot.shape[1:] for p in pieces)
                 and sum(p.nbytes for p in pieces) == sum(s.nbytes for s in bucket.slots))
 
-    def _read_own(self, file: str, pieces: tuple[Piece, ...]) -> None:
+    def _read_own_pieces(self, batch: list[tuple[str, tuple[Piece, ...]]]) -> None:
+        """Read this rank's own pieces of ``batch``'s buckets straight into its shards, by
+        :data:`READERS` threads (no collective is involved)."""
+        if len(batch) <= 1:
+            for file, pieces in batch:
+                self._guard("read", self._read_own, self.reader, file, pieces)
+            return
+        readers = [self.reader.clone() for _ in range(min(READERS, len(batch)))]
+
+        def read(reader: ShardReader, share: list[tuple[str, tuple[Piece, ...]]]) -> None:
+            try:
+                for file, pieces in share:
+                    self._guard("read", self._read_own, reader, file, pieces)
+            finally:
+                reader.close()
+
+        threads = [threading.Thread(target=read, args=(r, batch[i::len(readers)]), daemon=True,
+                                    name=f"distshard-reader-{i}") for i, r in enumerate(readers)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for r in readers:
+            self.reader.absorb(r)
+
+    def _read_own(self, reader: ShardReader, file: str, pieces: tuple[Piece, ...]) -> None:
         mine = self.boxes[self.comm.rank]
         for p in pieces:
             if p.nbytes == 0:
@@ -258,10 +290,10 @@ class Exchange:
             origin = mine[slot.key][0] if slot.key in mine else None
             dest = self.dests[slot.key][_region(p.box, origin)]
             if dest.dtype == slot.dtype and dest.device.type == "cpu" and dest.is_contiguous():
-                self.reader.read_range(file, slot.key, begin, dest)
-            else:
-                tmp = self.buffers.get("host", p.nbytes, torch.device("cpu"))
-                self.reader.read_range(file, slot.key, begin, tmp)
+                reader.read_range(file, slot.key, begin, dest)
+            else:  # a staging piece of its own: readers run in parallel
+                tmp = torch.empty(p.nbytes, dtype=torch.uint8, pin_memory=dest.is_cuda)
+                reader.read_range(file, slot.key, begin, tmp)
                 dest.copy_(tmp.view(slot.dtype).view(p.box[1]))
             self._fill(slot.key, p.box)
 
