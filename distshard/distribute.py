@@ -16,6 +16,7 @@ raised by everyone at the next agreement.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -104,20 +105,12 @@ class Exchange:
         me, topo = self.comm.rank, self.topology
         mine = [j for j, bucket in enumerate(run) if bucket.owner == me]
         ready = {j: threading.Event() for j in mine}
-        readers = [self.reader.clone() for _ in range(min(READERS, len(mine)))]
 
-        def read(reader: ShardReader, share: list[int]) -> None:
-            try:
-                for j in share:
-                    self._guard("read", self._read_into_image, reader, run[j])
-                    ready[j].set()
-            finally:
-                reader.close()
+        def read(reader: ShardReader, j: int) -> None:
+            self._guard("read", self._read_into_image, reader, run[j])
+            ready[j].set()
 
-        threads = [threading.Thread(target=read, args=(r, mine[i::len(readers)]), daemon=True,
-                                    name=f"distshard-reader-{i}") for i, r in enumerate(readers)]
-        for t in threads:
-            t.start()
+        join = self._start_readers(mine, read)
         for j, bucket in enumerate(run):
             if bucket.owner == me:
                 ready[j].wait()  # sent in plan order, whichever thread read it
@@ -125,10 +118,7 @@ class Exchange:
                 self.bytes_received += bucket.nbytes
             if topo.num_nodes > 1 and not self.node_local:
                 self._cross_nodes(j, bucket)
-        for t in threads:
-            t.join()
-        for r in readers:
-            self.reader.absorb(r)
+        join()
         self.comm.barrier()
         self._guard("distribute", self._map_image, run)
 
@@ -261,23 +251,35 @@ class Exchange:
             for file, pieces in batch:
                 self._guard("read", self._read_own, self.reader, file, pieces)
             return
-        readers = [self.reader.clone() for _ in range(min(READERS, len(batch)))]
+        self._start_readers(batch, lambda reader, item: self._guard(
+            "read", self._read_own, reader, *item))()
 
-        def read(reader: ShardReader, share: list[tuple[str, tuple[Piece, ...]]]) -> None:
+    def _start_readers(self, items: list, work: Callable[[ShardReader, object], None]
+                       ) -> Callable[[], None]:
+        """Run ``work(reader, item)`` for every item on :data:`READERS` threads, each with its
+        own reader (its own open file), items dealt round robin; return the function that waits
+        for them and counts their reads as this rank's. ``work`` must not raise (see _guard)."""
+        readers = [self.reader.clone() for _ in range(min(READERS, len(items)))]
+
+        def loop(reader: ShardReader, share: list) -> None:
             try:
-                for file, pieces in share:
-                    self._guard("read", self._read_own, reader, file, pieces)
+                for item in share:
+                    work(reader, item)
             finally:
                 reader.close()
 
-        threads = [threading.Thread(target=read, args=(r, batch[i::len(readers)]), daemon=True,
+        threads = [threading.Thread(target=loop, args=(r, items[i::len(readers)]), daemon=True,
                                     name=f"distshard-reader-{i}") for i, r in enumerate(readers)]
         for t in threads:
             t.start()
-        for t in threads:
-            t.join()
-        for r in readers:
-            self.reader.absorb(r)
+
+        def join() -> None:
+            for t in threads:
+                t.join()
+            for r in readers:
+                self.reader.absorb(r)
+
+        return join
 
     def _read_own(self, reader: ShardReader, file: str, pieces: tuple[Piece, ...]) -> None:
         mine = self.boxes[self.comm.rank]

@@ -56,6 +56,15 @@ def test_replicated_load_through_node_images_is_exact_and_reads_each_byte_once(c
     assert _images_left() <= before, "a node image was left in shared memory"
 
 
+def _capture_warnings() -> list:
+    """The records the ``distshard`` logger emits from now on, in this rank's process."""
+    records: list = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("distshard").addHandler(handler)
+    return records
+
+
 def _apart(rank: int, world_size: int, path: str, shm_root: str, shared_memory) -> object:
     # Every rank claims the same node, but rank 1 looks in another directory: as if a launcher
     # gave two machines one node name.
@@ -63,10 +72,7 @@ def _apart(rank: int, world_size: int, path: str, shm_root: str, shared_memory) 
     distshard.shm.SHM_DIR = os.path.join(shm_root, str(rank == 1))
     os.makedirs(distshard.shm.SHM_DIR, exist_ok=True)
     model = empty_model("llama")
-    warnings = []
-    handler = logging.Handler()
-    handler.emit = warnings.append
-    logging.getLogger("distshard").addHandler(handler)
+    warnings = _capture_warnings()
     try:
         distshard.load(model, path, bucket_size=SMALL_BUCKET, shared_memory=shared_memory)
     except distshard.DistShardError as e:
@@ -196,10 +202,7 @@ def _small_shm(rank: int, world_size: int, path: str, shared_memory) -> object:
     # this rank's process is its own, so patching os here touches nothing else
     os.statvfs = lambda path: types.SimpleNamespace(f_bavail=4, f_frsize=4096)
     model = empty_model("llama")
-    warnings = []
-    handler = logging.Handler()
-    handler.emit = warnings.append
-    logging.getLogger("distshard").addHandler(handler)
+    warnings = _capture_warnings()
     try:
         report = distshard.load(model, path, shared_memory=shared_memory)
     except distshard.DistShardError as e:
