@@ -5,8 +5,8 @@
 
 Every loader runs in the same harness: gloo ranks spawned with a file rendezvous, the checkpoint
 (a sample Llama-like model written by ``save_pretrained``; ``--size large`` is 1.07 GB in fp32)
-evicted from the page cache before each run. Time: slowest rank, from before the model is built
-to the end of a pass that touches every parameter byte (mmap-lazy loaders pay their page faults
+evicted from the page cache before each run. Time: slowest rank, from a barrier that every rank
+passes once its imports are done (before the model is built) to the end of a pass that touches every parameter byte (mmap-lazy loaders pay their page faults
 there). Memory: each rank's peak of RSS minus shared pages during that time, above its start.
 Disk: bytes the block device read during the run (system-wide); max rank: the most any one rank
 caused to be read from storage (/proc/self/io read_bytes). Write: after the clock stops, the
@@ -134,6 +134,10 @@ def _rank(rank: int, world_size: int, loader: str, ckpt: str, sharded: bool) -> 
 
     from distshard.report import PeakMemorySampler
 
+    # Every rank starts the clock together (the imports above take each rank a different time,
+    # up to 0.2 s here): a loader with collectives would otherwise be charged for its peers'
+    # late arrival, which is the harness's, not the loader's.
+    torch.distributed.barrier()
     io_before = psutil.Process().io_counters().read_bytes
     with PeakMemorySampler() as memory:
         started = time.perf_counter()

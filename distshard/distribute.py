@@ -1,7 +1,9 @@
 """Move each bucket from the rank that read it to the ranks that need it.
 
 When every rank wants every tensor whole (plain tensors, replicated DTensors) on a CPU group,
-each node's ranks share one image of the tensors in shared memory (see
+each node's ranks share one image of the tensors: where the node reads every byte itself and
+the tensors keep the checkpoint's dtypes, the checkpoint files' own page cache, which every rank
+maps (see :meth:`Exchange._through_page_cache`); otherwise a file in shared memory (see
 :meth:`Exchange._through_image`): each bucket is read once into its reader's node image and sent
 once to every other node. Otherwise a bucket that every rank wants whole is broadcast by the
 backend into each rank's own tensors. A bucket of DTensor shards made of whole rows, each row wanted by one rank, is read by every rank itself:
@@ -25,7 +27,7 @@ from . import _faults
 from .comm import Comm, failure_of
 from .errors import DistShardError, RankFailure
 from .plan import Box, Bucket, LoadPlan, Piece, Slot, align, payload_layout
-from .reader import ShardReader
+from .reader import ShardReader, map_files
 from .shm import NodeImage
 from .topology import Topology
 
@@ -42,10 +44,11 @@ class Exchange:
                  dests: dict[str, torch.Tensor] | None, boxes: list[dict[str, Box]] | None,
                  *, read_own_slices: bool = True, image: NodeImage | None = None,
                  layout: ImageLayout | None = None, topology: Topology | None = None,
-                 node_local: bool = False) -> None:
+                 node_local: bool = False, mapped: bool = False) -> None:
         self.comm, self.plan, self.reader, self.dests = comm, plan, reader, dests
         self.read_own_slices = read_own_slices
         self.image, self.layout = image, layout
+        self.mapped = mapped  # the node image is the checkpoint files' page cache
         self.topology = topology or Topology.single(comm.world_size)
         # Node-local loads: each node's ranks read their own copy of every bucket and serve
         # only each other; a rank skips the buckets of other nodes.
@@ -69,7 +72,7 @@ class Exchange:
             if all(p.box == p.slot.extent for pieces, _ in layouts for p in pieces):
                 whole.append(bucket)
                 continue
-            if self.image is not None:
+            if self.image is not None or self.mapped:
                 raise AssertionError("a node image holds only loads of whole tensors")
             self._replicate(whole)
             whole = []
@@ -85,7 +88,9 @@ class Exchange:
         return self.failure
 
     def _replicate(self, run: list[Bucket]) -> None:
-        if self.image is not None:
+        if self.mapped:
+            self._through_page_cache(run)
+        elif self.image is not None:
             self._through_image(run)
         else:
             for bucket in run:
@@ -121,6 +126,28 @@ class Exchange:
         join()
         self.comm.barrier()
         self._guard("distribute", self._map_image, run)
+
+    def _through_page_cache(self, run: list[Bucket]) -> None:
+        """Replicate ``run`` on a node that reads every byte itself, in the checkpoint's
+        dtypes: the page cache of the checkpoint files is the node's image.
+
+        1. :data:`READERS` threads bring this rank's buckets into the page cache
+           (``MADV_POPULATE_READ``: read at the disk's pace, copied nowhere);
+        2. one barrier; then every rank's tensors are views of its private (copy-on-write)
+           mappings of the files: the node's one copy until the rank writes.
+        """
+        me = self.comm.rank
+        self._start_readers([b for b in run if b.owner == me], lambda reader, bucket: self._guard(
+            "read", reader.populate, bucket))()
+        self.bytes_received += sum(b.nbytes for b in run if b.owner != me)  # through the node
+        self.comm.barrier()
+        self._guard("distribute", self._map_files, run)
+
+    def _map_files(self, run: list[Bucket]) -> None:
+        self.dests = map_files(self.reader.root, self.plan, run)
+        for bucket in run:
+            for slot in bucket.slots:
+                self._fill(slot.key, slot.extent)
 
     def _read_into_image(self, reader: ShardReader, bucket: Bucket) -> None:
         layout, data = self.layout, self.image.data

@@ -51,6 +51,7 @@ class LoadOptions:
     timeout: timedelta = DEFAULT_TIMEOUT
     log_summary: bool = True
     shared_memory: bool | None = None
+    map_checkpoint: bool = True
     locality: str = "cluster"
     progress: bool | None = None
 
@@ -98,6 +99,7 @@ def load(
     timeout: timedelta | float = DEFAULT_TIMEOUT,
     log_summary: bool = True,
     shared_memory: bool | None = None,
+    map_checkpoint: bool = True,
     locality: str = "cluster",
     progress: bool | None = None,
 ) -> LoadReport:
@@ -116,12 +118,16 @@ def load(
     passes without its answer (gloo; on nccl the group's own timeout applies).
 
     When every rank wants every tensor whole on the CPU (DDP-style replicas over gloo), the ranks
-    of one node (see :mod:`distshard.topology`) share one image of the tensors in ``/dev/shm``:
-    each byte is read once per job, written once per node, and each rank's tensors are
-    copy-on-write views of that image (shared until the rank writes them, like a mapped
-    checkpoint file). ``shared_memory=None`` uses it where it works and falls back to the
-    backend's broadcast into each rank's own memory otherwise; ``True`` requires it; ``False``
-    never uses it.
+    of one node (see :mod:`distshard.topology`) share one copy of the tensors, and each rank's
+    tensors are copy-on-write views of it (shared until the rank writes them). Where the node
+    reads every byte itself (one node, or ``locality="node"``) from safetensors files and the
+    tensors keep the checkpoint's dtypes, that copy is the page cache of the checkpoint files,
+    which every rank maps (``map_checkpoint=True``, the default: as with transformers' loading,
+    rewriting a checkpoint file in place, not by rename, changes what the tensors read until
+    they are written); otherwise it is an image in ``/dev/shm``, written once per node, into
+    which each byte is read once per job. ``shared_memory=None`` shares where it works and falls
+    back to the backend's broadcast into each rank's own memory otherwise; ``True`` requires
+    it; ``False`` never shares.
 
     ``locality="cluster"`` (default) reads every byte once per job and sends it to the nodes
     that need it; ``"node"`` has each node read the whole checkpoint once, shared among its own
@@ -134,7 +140,7 @@ def load(
     options = LoadOptions(device=device, dtype=dtype, strict=strict, bucket_size=bucket_size,
                           read_own_slices=read_own_slices, timeout=timeout,
                           log_summary=log_summary, shared_memory=shared_memory,
-                          locality=locality, progress=progress)
+                          map_checkpoint=map_checkpoint, locality=locality, progress=progress)
     comm = Comm(group, options.timeout)
     target_device = options.device or comm.device
     started = time.perf_counter()
@@ -144,10 +150,10 @@ def load(
             with JobProgress(sum(outcome.plan.bytes_per_rank()), rank=comm.rank,
                              key=outcome.token, store=_store(comm),
                              enabled=outcome.progress) as progress:
-                dests, image, layout = _allocate(targets, outcome, topology, comm,
-                                                 target_device, options)
+                dests, image, layout, mapped = _allocate(targets, outcome, topology, comm,
+                                                         target_device, options)
                 exchange = _distribute(targets, outcome, dests, comm, options, image, layout,
-                                       topology, progress)
+                                       mapped, topology, progress)
                 del image
                 stats = _prepare_commit(targets, outcome, comm, exchange, memory, started)
         except DistShardError:
@@ -166,7 +172,8 @@ def load(
         bytes_received=exchange.bytes_received, bytes_received_per_rank=[s[2] for s in stats],
         seconds=time.perf_counter() - started, peak_host_memory=memory.peak_above_baseline,
         peak_host_memory_per_rank=[s[1] for s in stats],
-        seconds_per_rank=[s[3] / 1e6 for s in stats], node_of_rank=list(topology.node_of))
+        seconds_per_rank=[s[3] / 1e6 for s in stats], node_of_rank=list(topology.node_of),
+        shared_copy="files" if mapped else "shm" if layout is not None else None)
     if options.log_summary and comm.rank == 0:
         logger.info(report.summary())
     return report
@@ -214,23 +221,28 @@ def _validate(checkpoint, targets: ModelTargets, options: LoadOptions):
 
 def _allocate(targets: ModelTargets, outcome: _Outcome, topology: Topology, comm: Comm,
               device: torch.device, options: LoadOptions
-              ) -> tuple[dict[str, torch.Tensor], NodeImage | None, ImageLayout | None]:
-    """Allocate the destinations: this node's image of the tensors where every rank wants them
-    whole on the CPU, else each rank's own tensors. Agree that every rank of each node mapped
-    the same image (else every rank goes without one)."""
-    failure, dests, image, layout, problem = None, {}, None, None, None
+              ) -> tuple[dict[str, torch.Tensor], NodeImage | None, ImageLayout | None, bool]:
+    """Allocate the destinations: none where every rank wants every tensor whole on the CPU and
+    its node can map the checkpoint files (the last value: True); else this node's image of the
+    tensors in shared memory, for those same loads; else each rank's own tensors. Agree that
+    every rank of each node mapped the same image (else every rank goes without one)."""
+    failure, dests, image, layout, problem, mapped = None, {}, None, None, None, False
     nonce = int(outcome.token, 16) >> 1
     try:
         _faults.check("plan", comm.rank)
         if _wants_image(targets, comm, device, options):
-            layout = ImageLayout.of(outcome.plan, targets.whole_specs(outcome.plan))
-            try:
-                node = topology.node_of[comm.rank]
-                image = NodeImage(outcome.token, node, layout.nbytes, len(topology.ranks_on(node)))
-                image.sign(topology.local_index(comm.rank), nonce)
-            except OSError as e:
-                problem = (f"cannot place {layout.nbytes / 1e6:.1f} MB in {SHM_DIR} on rank "
-                           f"{comm.rank}: {e}")
+            specs = targets.whole_specs(outcome.plan)
+            mapped = _maps_files(outcome.plan, specs, topology, options)
+            if not mapped:
+                layout = ImageLayout.of(outcome.plan, specs)
+                try:
+                    node = topology.node_of[comm.rank]
+                    image = NodeImage(outcome.token, node, layout.nbytes,
+                                      len(topology.ranks_on(node)))
+                    image.sign(topology.local_index(comm.rank), nonce)
+                except OSError as e:
+                    problem = (f"cannot place {layout.nbytes / 1e6:.1f} MB in {SHM_DIR} on rank "
+                               f"{comm.rank}: {e}")
     except Exception as e:
         failure = failure_of(e, comm.rank, "plan")
     try:
@@ -238,12 +250,12 @@ def _allocate(targets: ModelTargets, outcome: _Outcome, topology: Topology, comm
         if image is not None and not image.shared_by_all(nonce):
             problem = (f"rank {comm.rank} does not share {image.path} with the ranks named as "
                        f"its node's ({node_name()}); set DISTSHARD_NODE to tell nodes apart")
-        ok = comm.agree(None, [problem is None, layout is not None])
+        ok = comm.agree(None, [problem is None, layout is not None or mapped])
     finally:
         if image is not None:
             image.unlink()
     if all(row == [True, True] for row in ok):
-        return dests, image, layout
+        return dests, image, layout, mapped
     if image is not None:
         image.close()
     if options.shared_memory and any(row[1] for row in ok):
@@ -258,7 +270,21 @@ def _allocate(targets: ModelTargets, outcome: _Outcome, topology: Topology, comm
     except Exception as e:
         failure = failure_of(e, comm.rank, "plan")
     comm.agree(failure, [])
-    return dests, None, None
+    return dests, None, None, False
+
+
+def _maps_files(plan: LoadPlan, specs: dict[str, tuple[torch.dtype, tuple[int, ...]]],
+                topology: Topology, options: LoadOptions) -> bool:
+    """Whether the page cache of the checkpoint files can be each node's image: the node reads
+    every byte itself (one node, or node-local loads), from safetensors files, and every tensor
+    keeps the checkpoint's dtype at an offset aligned for it (a view needs both). The same
+    answer on every rank: it depends on agreed inputs only."""
+    if not options.map_checkpoint or (topology.num_nodes > 1 and options.locality != "node"):
+        return False
+    return all(plan.file(b.file).kind == "safetensors"
+               and all(specs[s.key][0] == s.dtype and s.begin % s.dtype.itemsize == 0
+                       for s in b.slots)
+               for b in plan.buckets)
 
 
 def _wants_image(targets: ModelTargets, comm: Comm, device: torch.device,
@@ -275,13 +301,14 @@ def _wants_image(targets: ModelTargets, comm: Comm, device: torch.device,
 
 def _distribute(targets: ModelTargets, outcome: _Outcome, dests, comm: Comm,
                 options: LoadOptions, image: NodeImage | None, layout: ImageLayout | None,
-                topology: Topology, progress: JobProgress) -> Exchange:
+                mapped: bool, topology: Topology, progress: JobProgress) -> Exchange:
     """Read and distribute every bucket; every rank then agrees on the outcome."""
     boxes = comm.all_gather_object(targets.boxes()) if targets.has_dtensors else None
     reader = ShardReader(outcome.root, outcome.plan, on_read=progress.advance)
     exchange = Exchange(comm, outcome.plan, reader, dests, boxes,
                         read_own_slices=options.read_own_slices, image=image, layout=layout,
-                        topology=topology, node_local=options.locality == "node")
+                        topology=topology, node_local=options.locality == "node",
+                        mapped=mapped)
     try:
         failure = exchange.run()
         progress.flush()  # every rank's count is in before the last agreement

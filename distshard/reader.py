@@ -3,11 +3,17 @@
 safetensors files are read with ``os.preadv`` straight into the bucket (tensors that are
 adjacent in the file become one vectored read); ``.bin`` files go through
 ``torch.load(weights_only=True, mmap=True)`` and are copied from the mapping.
+
+Where a node's ranks map the checkpoint files themselves (:func:`map_files`), a rank instead
+brings its buckets into the page cache without copying them anywhere
+(:meth:`ShardReader.populate`), and every rank's tensors are views of those pages.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import mmap
 import os
 from collections.abc import Callable
 
@@ -15,12 +21,16 @@ import torch
 
 from .errors import DistShardError
 from .index import safe_path
-from .plan import Bucket, LoadPlan, PlannedFile
+from .plan import Bucket, LoadPlan, PlannedFile, Slot
 
-__all__ = ["ShardReader"]
+__all__ = ["ShardReader", "map_files"]
 
 # Linux caps one preadv at IOV_MAX (1024) buffers.
 _MAX_IOV = 1024
+# madvise(MADV_POPULATE_READ), Linux 5.14: fault a range of a mapping in, reading what is not
+# cached yet, without copying it anywhere. Older kernels answer EINVAL (then: read and drop).
+_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
+_SCRATCH = 4 << 20
 
 
 class ShardReader:
@@ -36,6 +46,8 @@ class ShardReader:
         self.files_read: list[str] = []
         self._name: str | None = None
         self._fd: int | None = None
+        self._map: mmap.mmap | None = None  # read-only mapping of the open file (populate)
+        self._scratch: memoryview | None = None  # where populate reads on kernels before 5.14
         self._state: dict[str, torch.Tensor] | None = None
 
     def clone(self) -> ShardReader:
@@ -61,6 +73,34 @@ class ShardReader:
             else:
                 self._preadv(bucket, views)
 
+    def populate(self, bucket: Bucket) -> None:
+        """Bring the bucket's bytes into the page cache, copying them nowhere: the node's ranks
+        then map the file (:func:`map_files`) and find them there. safetensors only."""
+        with self._naming(bucket.file, bucket.slots[0].key):
+            self._open(self.plan.file(bucket.file))
+            if self._map is None:
+                self._map = mmap.mmap(self._fd, 0, prot=mmap.PROT_READ)
+            for begin, slots in _runs(bucket.slots):
+                nbytes = sum(s.nbytes for s in slots)
+                start = begin - begin % mmap.PAGESIZE
+                # read ahead from here on only: the bytes before are another rank's stretch
+                self._map.madvise(mmap.MADV_SEQUENTIAL, start, begin + nbytes - start)
+                try:
+                    self._map.madvise(_POPULATE_READ, start, begin + nbytes - start)
+                except OSError as e:
+                    if e.errno != errno.EINVAL:
+                        raise
+                    self._read_and_drop(begin, nbytes, bucket)
+                    continue
+                self._count(nbytes)
+
+    def _read_and_drop(self, begin: int, nbytes: int, bucket: Bucket) -> None:
+        if self._scratch is None:
+            self._scratch = memoryview(bytearray(_SCRATCH))
+        for at in range(begin, begin + nbytes, _SCRATCH):
+            n = min(_SCRATCH, begin + nbytes - at)
+            self._read_exact(at, [self._scratch[:n]], bucket.file, bucket.slots[0].key)
+
     def read_range(self, file: str, key: str, begin: int, out: torch.Tensor) -> None:
         """Fill contiguous CPU tensor ``out`` with its size in bytes from byte ``begin`` of
         safetensors file ``file`` (one rank reading its own slice of tensor ``key``)."""
@@ -79,23 +119,18 @@ class ShardReader:
                                  file=file, key=key) from e
 
     def close(self) -> None:
+        if self._map is not None:
+            self._map.close()
         if self._fd is not None:
             os.close(self._fd)
-        self._fd, self._state, self._name = None, None, None
+        self._fd, self._map, self._state, self._name = None, None, None, None
 
     def _open(self, f: PlannedFile) -> None:
         if self._name == f.name:
             return
         self.close()
         path = safe_path(self.root, f.name)
-        fd = os.open(path, os.O_RDONLY)
-        st = os.fstat(fd)
-        if (st.st_size, st.st_mtime_ns) != (f.size, f.mtime_ns):
-            os.close(fd)
-            raise DistShardError(
-                f"file {f.name!r} changed after it was planned (size {f.size} -> {st.st_size}, "
-                f"mtime {f.mtime_ns} -> {st.st_mtime_ns}); do not rewrite a checkpoint while it "
-                f"is being loaded", file=f.name)
+        fd = _open_planned(self.root, f)
         # Reads are large and exact: kernel read-ahead (often megabytes) would only pull in
         # bytes past this rank's stretch, which another rank reads -- on another node, twice.
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
@@ -106,19 +141,10 @@ class ShardReader:
             self._state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
 
     def _preadv(self, bucket: Bucket, views: list[torch.Tensor]) -> None:
-        runs: list[tuple[int, list[memoryview]]] = []
-        end = -1
-        for slot, dest in zip(bucket.slots, views):
-            if slot.nbytes == 0:
-                continue
-            view = memoryview(dest.numpy())
-            if slot.begin == end and len(runs[-1][1]) < _MAX_IOV:
-                runs[-1][1].append(view)
-            else:
-                runs.append((slot.begin, [view]))
-            end = slot.begin + slot.nbytes
-        for begin, views in runs:
-            self._read_exact(begin, views, bucket.file, bucket.slots[0].key)
+        dest = {id(slot): view for slot, view in zip(bucket.slots, views)}
+        for begin, slots in _runs(bucket.slots):
+            self._read_exact(begin, [memoryview(dest[id(s)].numpy()) for s in slots],
+                             bucket.file, bucket.slots[0].key)
 
     def _read_exact(self, begin: int, views: list[memoryview], file: str, key: str) -> None:
         want = sum(len(v) for v in views)
@@ -157,3 +183,71 @@ class ShardReader:
         self.bytes_read += nbytes
         if self.on_read is not None:
             self.on_read(nbytes)
+
+
+def _runs(slots: tuple[Slot, ...]) -> list[tuple[int, list[Slot]]]:
+    """The slots (safetensors, non-empty) grouped into runs adjacent in the file: one vectored
+    read each, of at most :data:`_MAX_IOV` buffers."""
+    runs: list[tuple[int, list[Slot]]] = []
+    end = -1
+    for slot in slots:
+        if slot.nbytes == 0:
+            continue
+        if slot.begin == end and len(runs[-1][1]) < _MAX_IOV:
+            runs[-1][1].append(slot)
+        else:
+            runs.append((slot.begin, [slot]))
+        end = slot.begin + slot.nbytes
+    return runs
+
+
+def _open_planned(root: str, f: PlannedFile) -> int:
+    """Open ``f`` for reading, refusing it if it is not the file that was planned."""
+    fd = os.open(safe_path(root, f.name), os.O_RDONLY)
+    st = os.fstat(fd)
+    if (st.st_size, st.st_mtime_ns) != (f.size, f.mtime_ns):
+        os.close(fd)
+        raise DistShardError(
+            f"file {f.name!r} changed after it was planned (size {f.size} -> {st.st_size}, "
+            f"mtime {f.mtime_ns} -> {st.st_mtime_ns}); do not rewrite a checkpoint while it "
+            f"is being loaded", file=f.name)
+    return fd
+
+
+def map_files(root: str, plan: LoadPlan, buckets: list[Bucket]) -> dict[str, torch.Tensor]:
+    """Every tensor of ``buckets`` (safetensors, in the checkpoint's dtype) as a view of a
+    copy-on-write mapping of its file: the page cache's pages, shared by every process that maps
+    the file, until this one writes a page (then that page is its own). The views keep their
+    mapping alive. Rewriting the file in place (not by rename) while they live changes what they
+    read, as with any mapped file."""
+    whole: dict[str, list[Slot]] = {}
+    for bucket in buckets:
+        for slot in bucket.slots:
+            whole.setdefault(slot.key, []).append(slot)
+    data: dict[str, torch.Tensor] = {}
+    out = {}
+    for bucket in buckets:
+        if bucket.file not in data:
+            data[bucket.file] = _map_private(root, plan.file(bucket.file))
+        for slot in bucket.slots:
+            if slot.key in out or slot.row != 0:
+                continue
+            parts = whole[slot.key]
+            shape = (sum(s.shape[0] for s in parts),) + slot.shape[1:] if slot.shape else ()
+            nbytes = sum(s.nbytes for s in parts)
+            out[slot.key] = (data[bucket.file][slot.begin:slot.begin + nbytes]
+                             .view(slot.dtype).view(shape))
+    return out
+
+
+def _map_private(root: str, f: PlannedFile) -> torch.Tensor:
+    try:
+        fd = _open_planned(root, f)
+        try:
+            m = mmap.mmap(fd, 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise DistShardError(f"mapping file {f.name!r} failed: {type(e).__name__}: {e}",
+                             file=f.name) from e
+    return torch.frombuffer(m, dtype=torch.uint8)

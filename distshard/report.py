@@ -30,6 +30,9 @@ class LoadReport:
     peak_host_memory_per_rank: list[int] = field(default_factory=list)
     seconds_per_rank: list[float] = field(default_factory=list)  # each rank's own load time
     node_of_rank: list[int] = field(default_factory=list)  # nodes numbered by their lowest rank
+    # Where a node's ranks share one copy of replicated tensors: "files" (the checkpoint files'
+    # page cache, mapped copy-on-write), "shm" (an image in /dev/shm), None (each rank its own).
+    shared_copy: str | None = None
 
     @property
     def bytes_read_per_node(self) -> list[int]:

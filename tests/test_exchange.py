@@ -1,4 +1,5 @@
-"""The shared-memory exchange between a node's ranks, and several nodes simulated on one machine.
+"""The shared copy of a node's ranks (the checkpoint files' page cache, or an image in
+``/dev/shm``), and several nodes simulated on one machine.
 
 Nodes are told apart with ``DISTSHARD_NODE`` (set by each rank before it loads); the ranks of
 different "nodes" then pass buckets point to point over gloo and share nothing through
@@ -27,19 +28,24 @@ def _images_left() -> set[str]:
     return set(glob.glob(os.path.join(distshard.shm.SHM_DIR, "distshard-*")))
 
 
+# How a replicated load may share each node's copy: load() arguments, and the copy it must
+# report. Mapping the checkpoint files needs a node that reads every byte itself.
+MODES = {"files": dict(map_checkpoint=True), "shm": dict(map_checkpoint=False, shared_memory=True),
+         "backend": dict(shared_memory=False)}
+
+
 def _load_on_nodes(rank: int, world_size: int, paths: dict[str, str], nodes: list[int]) -> dict:
     os.environ["DISTSHARD_NODE"] = str(nodes[rank])
     out = {}
-    for shared_memory in (True, False):
+    for mode, kwargs in MODES.items():
         for name, path in paths.items():
             model = empty_model(CASES[name][0])
-            report = distshard.load(model, path, bucket_size=SMALL_BUCKET,
-                                    shared_memory=shared_memory)
+            report = distshard.load(model, path, bucket_size=SMALL_BUCKET, **kwargs)
             ref = reference(name, path)
-            assert_same(model, ref, f"{name} on rank {rank}, nodes {nodes}, shm {shared_memory}")
-            out[name, shared_memory] = dict(read=report.bytes_read, received=report.bytes_received,
-                                            total=report.total_bytes_read,
-                                            expected=unique_bytes(ref))
+            assert_same(model, ref, f"{name} on rank {rank}, nodes {nodes}, {mode}")
+            out[name, mode] = dict(read=report.bytes_read, received=report.bytes_received,
+                                   total=report.total_bytes_read, expected=unique_bytes(ref),
+                                   shared_copy=report.shared_copy)
     return out
 
 
@@ -48,6 +54,11 @@ def test_replicated_load_through_node_images_is_exact_and_reads_each_byte_once(c
                                                                                  nodes):
     before = _images_left()
     results = run_ranks(_load_on_nodes, len(nodes), checkpoints, nodes, timeout=DEADLINE)
+    # the .bin case cannot be mapped; one node of several cannot map what others read
+    for (name, mode), r in results[0].items():
+        files = CASES[name][1].endswith("safetensors") and len(set(nodes)) == 1
+        want = {"files": "files" if files else "shm", "shm": "shm", "backend": None}[mode]
+        assert r["shared_copy"] == want, (name, mode, r)
     for key in results[0]:
         per_rank = [r[key] for r in results]
         assert sum(r["read"] for r in per_rank) == per_rank[0]["total"] == per_rank[0]["expected"]
@@ -74,7 +85,8 @@ def _apart(rank: int, world_size: int, path: str, shm_root: str, shared_memory) 
     model = empty_model("llama")
     warnings = _capture_warnings()
     try:
-        distshard.load(model, path, bucket_size=SMALL_BUCKET, shared_memory=shared_memory)
+        distshard.load(model, path, bucket_size=SMALL_BUCKET, shared_memory=shared_memory,
+                       map_checkpoint=False)
     except distshard.DistShardError as e:
         assert all(p.is_meta for p in model.parameters())
         return str(e)
@@ -96,14 +108,14 @@ def _wide_model():
     return torch.nn.Sequential(*[torch.nn.Linear(1024, 1024) for _ in range(8)])  # 33.6 MB
 
 
-def _write_after_load(rank: int, world_size: int, path: str) -> dict:
+def _write_after_load(rank: int, world_size: int, path: str, map_checkpoint: bool) -> dict:
     import psutil
     import torch
 
     with torch.device("meta"):
         model = _wide_model()
     before = psutil.Process().memory_info()
-    distshard.load(model, path, shared_memory=True)
+    report = distshard.load(model, path, shared_memory=True, map_checkpoint=map_checkpoint)
     sum(float(p.sum()) for p in model.parameters())  # touch every byte: still shared
     touched = psutil.Process().memory_info()
     weight = model[0].weight
@@ -117,22 +129,26 @@ def _write_after_load(rank: int, world_size: int, path: str) -> dict:
     reference = _wide_model()
     reference.load_state_dict(safetensors.torch.load_file(os.path.join(path, "model.safetensors")))
     return dict(kept=bool(torch.equal(weight, expected)),
+                file_kept=bool(torch.equal(reference[0].weight, first)),
                 equal=all(torch.equal(a, b) for a, b in zip(model[1:].parameters(),
                                                             reference[1:].parameters())),
                 private_growth=(touched.rss - touched.shared) - (before.rss - before.shared),
-                shared_growth=touched.shared - before.shared,
+                shared_growth=touched.shared - before.shared, shared_copy=report.shared_copy,
                 nbytes=sum(p.numel() * p.element_size() for p in model.parameters()))
 
 
-def test_replicas_share_the_node_image_until_a_rank_writes(tmp_path):
+@pytest.mark.parametrize("map_checkpoint", [True, False], ids=["files", "shm"])
+def test_replicas_share_the_node_copy_until_a_rank_writes(tmp_path, map_checkpoint):
     import torch
 
     torch.manual_seed(0)
     safetensors.torch.save_file(_wide_model().state_dict(), str(tmp_path / "model.safetensors"))
-    results = run_ranks(_write_after_load, 2, str(tmp_path), timeout=DEADLINE)
-    assert all(r["kept"] and r["equal"] for r in results), results  # no write crossed ranks
+    results = run_ranks(_write_after_load, 2, str(tmp_path), map_checkpoint, timeout=DEADLINE)
+    # no write crossed ranks, nor reached the checkpoint file
+    assert all(r["kept"] and r["file_kept"] and r["equal"] for r in results), results
     for r in results:
-        # every tensor is a view of the node's image: loading and reading them left the
+        assert r["shared_copy"] == ("files" if map_checkpoint else "shm"), results
+        # every tensor is a view of the node's copy: loading and reading them left the
         # memory shared (a tenth of the model covers the interpreter's own growth)
         assert r["private_growth"] < r["nbytes"] / 10, results
         assert r["shared_growth"] >= r["nbytes"], results
@@ -143,7 +159,9 @@ def _load_converted(rank: int, world_size: int, path: str, nodes: list[int]) -> 
 
     os.environ["DISTSHARD_NODE"] = str(nodes[rank])
     model = empty_model("llama")
-    distshard.load(model, path, bucket_size=SMALL_BUCKET, dtype=torch.bfloat16, shared_memory=True)
+    report = distshard.load(model, path, bucket_size=SMALL_BUCKET, dtype=torch.bfloat16,
+                            shared_memory=True)
+    assert report.shared_copy == "shm"  # a converted tensor is not the file's bytes
     ref = reference("llama", path)
     want = {k: v.to(torch.bfloat16) if v.is_floating_point() else v
             for k, v in ref.state_dict().items()}
@@ -165,7 +183,7 @@ def _node_local(rank: int, world_size: int, path: str, nodes: list[int]) -> dict
 
     os.environ["DISTSHARD_NODE"] = str(nodes[rank])
     out = {}
-    for mode in ("image", "backend", "fsdp2-own", "fsdp2-sent"):
+    for mode in ("files", "shm", "backend", "fsdp2-own", "fsdp2-sent"):
         model = empty_model("llama")
         kwargs = dict(bucket_size=SMALL_BUCKET, locality="node")
         if mode.startswith("fsdp2"):
@@ -176,8 +194,9 @@ def _node_local(rank: int, world_size: int, path: str, nodes: list[int]) -> dict
             check_sharded(model, reference("llama", path), f"{mode} rank {rank}",
                           exact_output=True)
         else:
-            report = distshard.load(model, path, shared_memory=mode == "image", **kwargs)
+            report = distshard.load(model, path, **MODES[mode], **kwargs)
             assert_same(model, reference("llama", path), f"{mode} rank {rank}")
+            assert report.shared_copy == {"backend": None}.get(mode, mode)
         out[mode] = dict(read=report.bytes_read_per_rank, total=report.total_bytes_read,
                          expected=unique_bytes(reference("llama", path)))
     return out
@@ -204,7 +223,7 @@ def _small_shm(rank: int, world_size: int, path: str, shared_memory) -> object:
     model = empty_model("llama")
     warnings = _capture_warnings()
     try:
-        report = distshard.load(model, path, shared_memory=shared_memory)
+        report = distshard.load(model, path, shared_memory=shared_memory, map_checkpoint=False)
     except distshard.DistShardError as e:
         assert all(p.is_meta for p in model.parameters())
         return str(e)
@@ -221,3 +240,87 @@ def test_a_small_dev_shm_falls_back_to_the_backend_or_fails_as_asked(checkpoints
     assert len(set(results)) == 1 and "shared_memory=True" in results[0], results
     assert "MB free" in results[0]
     assert _images_left() <= before
+
+
+def _misaligned_checkpoint(folder) -> dict:
+    """A safetensors file (written by hand; the format allows it) whose float32 tensor starts
+    6 bytes into the data, after a 3-element bfloat16 one: no float32 view can start there."""
+    import json
+    import struct
+
+    import torch
+
+    torch.manual_seed(0)
+    state = {"a": torch.randn(3).to(torch.bfloat16), "b": torch.randn(2, 2)}
+    header = {"a": {"dtype": "BF16", "shape": [3], "data_offsets": [0, 6]},
+              "b": {"dtype": "F32", "shape": [2, 2], "data_offsets": [6, 22]}}
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    with open(os.path.join(folder, "model.safetensors"), "wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text)
+        f.write(b"".join(state[k].view(torch.uint8).numpy().tobytes() for k in ("a", "b")))
+    return state
+
+
+class _Pair:
+    def __new__(cls):
+        import torch
+
+        module = torch.nn.Module()
+        module.a = torch.nn.Parameter(torch.empty(3, dtype=torch.bfloat16, device="meta"))
+        module.b = torch.nn.Parameter(torch.empty(2, 2, device="meta"))
+        return module
+
+
+def _load_misaligned(rank: int, world_size: int, path: str) -> str | None:
+    import torch
+
+    model = _Pair()
+    report = distshard.load(model, path)
+    want = safetensors.torch.load_file(os.path.join(path, "model.safetensors"))
+    assert all(torch.equal(getattr(model, k), v) and getattr(model, k).dtype == v.dtype
+               for k, v in want.items())
+    return report.shared_copy
+
+
+def test_a_tensor_the_file_holds_misaligned_is_shared_through_dev_shm(tmp_path):
+    _misaligned_checkpoint(tmp_path)
+    assert run_ranks(_load_misaligned, 2, str(tmp_path), timeout=DEADLINE) == ["shm", "shm"]
+
+
+def _narrowed(rank: int, world_size: int, path: str) -> dict:
+    import torch
+    from test_load_sharded import shard_fsdp, shard_tp
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor
+
+    ref = reference("llama", path).to(torch.bfloat16)  # the single-process conversion
+    want = dict(ref.named_parameters(remove_duplicate=False))
+    out = {}
+    for mode in ("backend", "fsdp2-sent", "tp-sent"):
+        model = empty_model("llama")
+        if mode != "backend":
+            model.tie_weights()
+            mesh = init_device_mesh("cpu", (world_size,))
+            (shard_fsdp if mode == "fsdp2-sent" else shard_tp)(model, mesh)
+        report = distshard.load(model, path, bucket_size=SMALL_BUCKET, dtype=torch.bfloat16,
+                                shared_memory=False, read_own_slices=False)
+        for name, p in model.named_parameters(remove_duplicate=False):
+            full = p.full_tensor() if isinstance(p, DTensor) else p
+            assert full.dtype == torch.bfloat16 and torch.equal(full, want[name]), (mode, name)
+        out[mode] = dict(received=report.bytes_received_per_rank, read=report.bytes_read_per_rank)
+    return out
+
+
+def test_a_narrowing_dtype_is_converted_by_the_reader_before_it_is_sent(checkpoints):
+    # fp32 checkpoint, bf16 model: the reader converts, and what crosses ranks is bf16, half
+    # the bytes (the backend's broadcast, and pieces sent to FSDP2 and tensor-parallel shards)
+    results = run_ranks(_narrowed, 2, checkpoints["llama"], timeout=DEADLINE)
+    for mode, r in results[0].items():
+        if mode == "backend":  # each rank receives every bucket the other read
+            for me, other in ((0, 1), (1, 0)):
+                ratio = r["received"][me] / r["read"][other]
+                assert 0.45 < ratio < 0.55, (mode, r)
+        else:  # each rank receives its half of what the other read
+            ratio = sum(r["received"]) / sum(r["read"])
+            assert 0.2 < ratio < 0.3, (mode, r)

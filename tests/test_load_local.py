@@ -359,3 +359,45 @@ def test_a_file_that_changes_after_planning_is_refused(tmp_path):
     buf = torch.empty(plan.buckets[0].nbytes, dtype=torch.uint8)
     with pytest.raises(DistShardError, match=f"{name}.*changed after it was planned"):
         reader.read(plan.buckets[0], buf)
+
+
+def _planned(tmp_path):
+    from distshard.index import describe_file
+    from distshard.plan import make_plan
+
+    write_safetensors(tmp_path, net_state(), files=1)
+    name = "model-00001-of-00001.safetensors"
+    return name, make_plan([describe_file(str(tmp_path), name, "safetensors")], 1, 64)
+
+
+@pytest.mark.parametrize("advice", ["populate", "einval"])
+def test_populated_buckets_map_to_the_checkpoint_values(tmp_path, monkeypatch, advice):
+    import distshard.reader
+    from distshard.reader import ShardReader, map_files
+
+    name, plan = _planned(tmp_path)
+    if advice == "einval":  # a kernel without MADV_POPULATE_READ: read and drop instead
+        monkeypatch.setattr(distshard.reader, "_POPULATE_READ", 12345)
+    reader = ShardReader(str(tmp_path), plan)
+    for bucket in plan.buckets:
+        reader.populate(bucket)
+    reader.close()
+    assert reader.bytes_read == sum(s.nbytes for b in plan.buckets for s in b.slots)
+    tensors = map_files(str(tmp_path), plan, list(plan.buckets))
+    want = net_state()
+    assert sorted(tensors) == sorted(want)
+    for key, value in want.items():
+        assert tensors[key].dtype == value.dtype and torch.equal(tensors[key], value), key
+    tensors["a.weight"].add_(1)  # copy-on-write: the file keeps its bytes
+    assert torch.equal(map_files(str(tmp_path), plan, list(plan.buckets))["a.weight"],
+                       want["a.weight"])
+
+
+def test_a_file_that_changes_before_mapping_is_refused(tmp_path):
+    from distshard.reader import map_files
+
+    name, plan = _planned(tmp_path)
+    with open(tmp_path / name, "ab") as f:
+        f.write(b"\0" * 8)
+    with pytest.raises(DistShardError, match=f"{name}.*changed after it was planned"):
+        map_files(str(tmp_path), plan, list(plan.buckets))
