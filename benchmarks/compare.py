@@ -1,7 +1,7 @@
 """One node, local disk (scenario S1): distshard against the other loaders, in one run, cold.
 
     python benchmarks/compare.py [--size large] [--ranks 2 4] [--modes replicated sharded]
-                                 [--json out.json] [--chart out.png]
+                                 [--repeat 3] [--json out.json] [--chart out.png]
 
 Every loader runs in the same harness: gloo ranks spawned with a file rendezvous, the checkpoint
 (a sample Llama-like model written by ``save_pretrained``; ``--size large`` is 1.07 GB in fp32)
@@ -13,8 +13,11 @@ caused to be read from storage (/proc/self/io read_bytes). Write: after the cloc
 first in-place write of every parameter (an optimizer step's effect): loaders whose tensors are
 file-backed mmaps pay their private copy there. Checksum: the sum of every
 parameter, which must agree across loaders. Ratios are against the fastest peer of the same row
-group and against the cold-read bound (checkpoint bytes / one reader's cold sequential read rate);
-the bounds (cold read, memcpy, gloo broadcast) are measured first, in the same run.
+group and against the cold-read bound (checkpoint bytes / one reader's cold sequential read rate,
+the better of two passes); the bounds (cold read, memcpy, gloo broadcast) are measured first, in
+the same run. With ``--repeat N`` every loader of a row group runs N times, the loaders taking
+turns (so that the machine's drift reaches them all alike), and each row is the run of median
+time (the JSON keeps every time).
 
 Loaders (``sharded``: each is followed by ``fully_shard`` of every block and the root, except
 distshard and DCP, which load straight into the sharded model):
@@ -42,6 +45,7 @@ from harness import (  # noqa: E402
     evict,
     finish_block,
     measure,
+    median_run,
     sample_checkpoint,
 )
 
@@ -174,13 +178,8 @@ def _broadcast_rank(rank: int, world_size: int, nbytes: int) -> float:
     return time.perf_counter() - started
 
 
-def bounds(ckpt: str, world_size: int) -> dict[str, float]:
-    """The machine's limits, measured now: cold sequential read of the checkpoint by one
-    reader, memcpy, and gloo's broadcast of 256 MiB to ``world_size`` ranks (bytes/second)."""
-    import torch
-
-    from distshard.testing import run_ranks
-
+def cold_read(ckpt: str) -> float:
+    """Cold sequential read of the checkpoint by one reader (bytes/second)."""
     evict(ckpt)
     names = [os.path.join(ckpt, f) for f in sorted(os.listdir(ckpt))]
     buf = bytearray(64 << 20)
@@ -189,7 +188,18 @@ def bounds(ckpt: str, world_size: int) -> dict[str, float]:
         with open(name, "rb", buffering=0) as f:
             while n := f.readinto(buf):
                 total += n
-    disk = total / (time.perf_counter() - started)
+    return total / (time.perf_counter() - started)
+
+
+def bounds(ckpt: str, world_size: int) -> dict[str, float]:
+    """The machine's limits, measured now: cold sequential read of the checkpoint by one
+    reader (the better of two passes), memcpy, and gloo's broadcast of 256 MiB to
+    ``world_size`` ranks (bytes/second)."""
+    import torch
+
+    from distshard.testing import run_ranks
+
+    disk = max(cold_read(ckpt), cold_read(ckpt))
     a, b = torch.empty(256 << 20, dtype=torch.uint8), torch.ones(256 << 20, dtype=torch.uint8)
     a.copy_(b)
     started = time.perf_counter()
@@ -210,6 +220,8 @@ def main() -> int:
     parser.add_argument("--ranks", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--modes", nargs="+", default=["replicated", "sharded"])
     parser.add_argument("--loaders", nargs="+", default=LOADERS)
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="runs of each loader per row group; the row is the median one")
     parser.add_argument("--json")
     parser.add_argument("--chart", help="write a PNG chart here")
     args = parser.parse_args()
@@ -225,12 +237,14 @@ def main() -> int:
     print(HEADER)
     for mode in args.modes:
         for n in args.ranks:
-            block = []
-            for loader in args.loaders:
-                evict(ckpt)
-                row = dict(scenario="S1", mode=mode, ranks=n, loader=loader)
-                block.append(measure(row, lambda: run_ranks(
-                    _rank, n, loader, ckpt, mode == "sharded", timeout=1200)))
+            runs = {loader: [] for loader in args.loaders}
+            for _ in range(args.repeat):
+                for loader in args.loaders:
+                    evict(ckpt)
+                    row = dict(scenario="S1", mode=mode, ranks=n, loader=loader)
+                    runs[loader].append(measure(row, lambda: run_ranks(
+                        _rank, n, loader, ckpt, mode == "sharded", timeout=1200)))
+            block = [median_run(r) for r in runs.values()]
             finish_block(block, size / limits[n]["disk"])
             rows += block
     if args.chart:

@@ -10,7 +10,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from common import SIZES, write_sample  # noqa: E402
 
-__all__ = ["HEADER", "SIZES", "chart", "evict", "finish_block", "measure", "sample_checkpoint"]
+__all__ = ["HEADER", "SIZES", "chart", "evict", "finish_block", "measure", "median_run",
+           "sample_checkpoint"]
 
 
 def sample_checkpoint(path: str | None, size: str) -> str:
@@ -112,3 +113,13 @@ def chart(rows: list[dict], path: str, title: str) -> None:
     fig.tight_layout(rect=(0, 0.05, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def median_run(runs: list[dict]) -> dict:
+    """Of one loader's repeated runs, the one of median time, with every run's time in
+    ``times`` (a run that failed is the row if any did: a failure is not hidden by a repeat)."""
+    failed = [r for r in runs if "error" in r]
+    if failed:
+        return failed[0]
+    ordered = sorted(runs, key=lambda r: r["seconds"])
+    return dict(ordered[(len(ordered) - 1) // 2], times=[r["seconds"] for r in runs])

@@ -17,6 +17,7 @@ raised by everyone at the next agreement.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -81,7 +82,11 @@ class Exchange:
             else:
                 self._read_own_pieces(own)
                 own = []
-                self._send_slices(bucket, layouts)
+                wire = self._wire(bucket)
+                if wire is not bucket:  # narrowed: the pieces are cut from the wire's layout
+                    layouts = [payload_layout(wire, b) if r in members else ((), 0)
+                               for r, b in enumerate(self.boxes)]
+                self._send_slices(bucket, wire, layouts)
         self._read_own_pieces(own)
         self._replicate(whole)
         self._guard("distribute", self._check_filled)
@@ -205,9 +210,10 @@ class Exchange:
                     f"{key!r} arrived; please report this", key=key)
 
     def _broadcast(self, bucket: Bucket) -> None:
-        direct = self._direct_buffer(bucket)
-        buf = direct if direct is not None else self.buffers.get("bucket", bucket.nbytes)
-        self._read(bucket, buf)
+        wire = self._wire(bucket)
+        direct = self._direct_buffer(wire)
+        buf = direct if direct is not None else self.buffers.get("bucket", wire.nbytes)
+        self._read(bucket, buf, wire)
         members = self._members(bucket)
         if len(members) == self.comm.world_size:
             self.comm.broadcast(buf, bucket.owner)
@@ -216,23 +222,46 @@ class Exchange:
         else:
             self.comm.exchange([], [(buf, bucket.owner)])
         if bucket.owner != self.comm.rank:
-            self.bytes_received += bucket.nbytes
+            self.bytes_received += wire.nbytes
         if direct is None:
-            self._unpack(bucket.slots, [s.extent for s in bucket.slots], buf, from_bucket=True)
+            self._unpack(wire.slots, [s.extent for s in wire.slots], buf, from_bucket=True)
         elif self.failure is None:
-            self._fill(bucket.slots[0].key, bucket.slots[0].extent)
+            self._fill(wire.slots[0].key, wire.slots[0].extent)
 
-    def _send_slices(self, bucket: Bucket, layouts: list[tuple[tuple[Piece, ...], int]]) -> None:
-        """The owner sends each rank its pieces of the bucket point to point; ranks that need
-        nothing of it take no part. A rank's single piece that is contiguous (whole rows) goes
-        straight from the bucket, and lands straight in its destination; other payloads are
-        packed. A rank uses one bucket buffer whether it sends or receives, plus the packed
-        slices when it sends: at most two buckets of staging."""
+    def _wire(self, bucket: Bucket) -> Bucket:
+        """``bucket`` as it travels between ranks: a floating tensor whose destination dtype is
+        narrower than the file's goes in that dtype (converted once, by the reader, before it is
+        sent: fewer bytes on the wire); any other as in the file, converted where it lands. The
+        same on every rank (the model's dtypes are agreed)."""
+        if not self.dests:
+            return bucket
+        slots, end = [], 0
+        for s in bucket.slots:
+            want = self.dests[s.key].dtype
+            narrow = (s.dtype.is_floating_point and want.is_floating_point
+                      and want.itemsize < s.dtype.itemsize)
+            dtype = want if narrow else s.dtype
+            offset = align(end)
+            slots.append(dataclasses.replace(s, dtype=dtype, offset=offset,
+                                             nbytes=_numel(s.shape) * dtype.itemsize))
+            end = offset + slots[-1].nbytes
+        if all(w.dtype == s.dtype for w, s in zip(slots, bucket.slots)):
+            return bucket
+        return Bucket(bucket.owner, bucket.file, end, tuple(slots))
+
+    def _send_slices(self, bucket: Bucket, wire: Bucket,
+                     layouts: list[tuple[tuple[Piece, ...], int]]) -> None:
+        """The owner sends each rank its pieces of the bucket (as it travels: ``wire``) point to
+        point; ranks that need nothing of it take no part. A rank's single piece that is
+        contiguous (whole rows) goes straight from the bucket, and lands straight in its
+        destination; other payloads are packed. A rank uses one bucket buffer whether it sends
+        or receives, plus the packed slices when it sends: at most two buckets of staging (three
+        when the reader narrows the bucket's dtypes)."""
         me, owner = self.comm.rank, bucket.owner
         mine = layouts[me][0]
         if me == owner:
-            full = self.buffers.get("bucket", bucket.nbytes)
-            self._read(bucket, full)
+            full = self.buffers.get("bucket", wire.nbytes)
+            self._read(bucket, full, wire)
             peers = [r for r, (_, n) in enumerate(layouts) if r != me and n > 0]
             sends, packed = [], []
             for r in peers:
@@ -339,9 +368,16 @@ class Exchange:
         origin = mine[p.slot.key][0] if p.slot.key in mine else None
         return _flat(dest[_region(p.box, origin)])
 
-    def _read(self, bucket: Bucket, buf: torch.Tensor) -> None:
-        if bucket.owner == self.comm.rank:
+    def _read(self, bucket: Bucket, buf: torch.Tensor, wire: Bucket | None = None) -> None:
+        """The owner reads ``bucket`` into ``buf``, laid out as ``wire`` (default: as read)."""
+        if bucket.owner != self.comm.rank:
+            return
+        if wire is None or wire is bucket:
             self._guard("read", self.buffers.read_into, self.reader, bucket, buf)
+            return
+        raw = self.buffers.get("raw", bucket.nbytes)
+        self._guard("read", self.buffers.read_into, self.reader, bucket, raw)
+        self._guard("distribute", _convert, bucket, raw, wire, buf)
 
     def _unpack(self, slots, boxes, buf: torch.Tensor, *, from_bucket: bool = False,
                 offsets: list[int] | None = None) -> None:
@@ -385,6 +421,13 @@ class Exchange:
             return None
         rows = dest[slot.row:slot.row + slot.shape[0]] if slot.shape else dest
         return rows.reshape(-1).view(torch.uint8)
+
+
+def _convert(bucket: Bucket, raw: torch.Tensor, wire: Bucket, buf: torch.Tensor) -> None:
+    """Each slot of ``bucket`` in ``raw``, converted into its place and dtype in ``wire``."""
+    for s, w in zip(bucket.slots, wire.slots):
+        src = raw[s.offset:s.offset + s.nbytes].view(s.dtype).view(s.shape)
+        buf[w.offset:w.offset + w.nbytes].view(w.dtype).view(w.shape).copy_(src)
 
 
 def _file_order(bucket: Bucket) -> tuple:
