@@ -1,7 +1,7 @@
 """One node, local disk (scenario S1): distshard against the other loaders, in one run, cold.
 
     python benchmarks/compare.py [--size large] [--ranks 2 4] [--modes replicated sharded]
-                                 [--repeat 3] [--json out.json] [--chart out.png]
+                                 [--repeats 3] [--json out.json] [--chart out.png]
 
 Every loader runs in the same harness: gloo ranks spawned with a file rendezvous, the checkpoint
 (a sample Llama-like model written by ``save_pretrained``; ``--size large`` is 1.07 GB in fp32)
@@ -15,7 +15,7 @@ file-backed mmaps pay their private copy there. Checksum: the sum of every
 parameter, which must agree across loaders. Ratios are against the fastest peer of the same row
 group and against the cold-read bound (checkpoint bytes / one reader's cold sequential read rate,
 the better of two passes); the bounds (cold read, memcpy, gloo broadcast) are measured first, in
-the same run. With ``--repeat N`` every loader of a row group runs N times, the loaders taking
+the same run. With ``--repeats N`` every loader of a row group runs N times, the loaders taking
 turns (so that the machine's drift reaches them all alike), and each row is the run of median
 time (the JSON keeps every time).
 
@@ -220,7 +220,7 @@ def main() -> int:
     parser.add_argument("--ranks", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--modes", nargs="+", default=["replicated", "sharded"])
     parser.add_argument("--loaders", nargs="+", default=LOADERS)
-    parser.add_argument("--repeat", type=int, default=3,
+    parser.add_argument("--repeats", type=int, default=3,
                         help="runs of each loader per row group; the row is the median one")
     parser.add_argument("--json")
     parser.add_argument("--chart", help="write a PNG chart here")
@@ -238,7 +238,7 @@ def main() -> int:
     for mode in args.modes:
         for n in args.ranks:
             runs = {loader: [] for loader in args.loaders}
-            for _ in range(args.repeat):
+            for _ in range(args.repeats):
                 for loader in args.loaders:
                     evict(ckpt)
                     row = dict(scenario="S1", mode=mode, ranks=n, loader=loader)

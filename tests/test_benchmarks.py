@@ -25,9 +25,10 @@ def run(script: str, tmp_path, *args: str) -> str:
 
 def test_compare_runs_and_every_loader_agrees(tmp_path):
     out = run("compare.py", tmp_path, "--size", "tiny", "--ranks", "2", "--modes", "sharded",
-              "--loaders", "distshard", "dcp", "--json", str(tmp_path / "out.json"))
+              "--loaders", "distshard", "dcp", "--repeats", "2", "--json", str(tmp_path / "out.json"))
     rows = json.loads((tmp_path / "out.json").read_text())["rows"]
     assert [r["loader"] for r in rows] == ["distshard", "dcp"], out
+    assert all(len(r["times"]) == 2 and r["seconds"] == min(r["times"]) for r in rows), rows
     assert len({round(r["checksum"], 3) for r in rows}) == 1, out
 
 
