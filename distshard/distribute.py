@@ -106,18 +106,27 @@ class Exchange:
 
         1. :data:`READERS` threads read this rank's buckets straight into its node's image
            (several reads in flight: one stream rarely fills a disk), converting to the
-           parameters' dtype on the way where they differ (so once per job, and before anything
-           is sent);
+           parameters' dtype on the way where they differ;
         2. meanwhile, in plan order, each bucket goes from its reader to one rank of every other
-           node, which receives it into that node's image (point to point; nothing on one node);
+           node, which receives it into that node's image (point to point; nothing on one node):
+           converted where that made it smaller, else as read, converted by the receiver (a
+           reader keeps at most one such bucket read and not yet sent);
         3. one barrier; then every rank's tensors are views of its private mapping of the image.
         """
         me, topo = self.comm.rank, self.topology
+        crossing = topo.num_nodes > 1 and not self.node_local
         mine = [j for j, bucket in enumerate(run) if bucket.owner == me]
         ready = {j: threading.Event() for j in mine}
+        as_read: dict[int, torch.Tensor] = {}  # read, not yet sent: buckets that cross as read
+        gates: dict[int, threading.Semaphore] = {}  # per reader: one such bucket at a time
+        room: dict[int, threading.Semaphore] = {}  # each such bucket's reader's gate
 
         def read(reader: ShardReader, j: int) -> None:
-            self._guard("read", self._read_into_image, reader, run[j])
+            keep = crossing and self._crosses_as_read(run[j])
+            if keep:
+                room[j] = gates.setdefault(id(reader), threading.Semaphore(1))
+                room[j].acquire()  # released once its previous such bucket has been sent
+            self._guard("read", self._read_into_image, reader, run[j], as_read, j, keep)
             ready[j].set()
 
         join = self._start_readers(mine, read)
@@ -126,8 +135,10 @@ class Exchange:
                 ready[j].wait()  # sent in plan order, whichever thread read it
             else:
                 self.bytes_received += bucket.nbytes
-            if topo.num_nodes > 1 and not self.node_local:
-                self._cross_nodes(j, bucket)
+            if crossing:
+                self._cross_nodes(j, bucket, as_read.pop(j, None))
+                if j in room:
+                    room[j].release()
         join()
         self.comm.barrier()
         self._guard("distribute", self._map_image, run)
@@ -154,7 +165,9 @@ class Exchange:
             for slot in bucket.slots:
                 self._fill(slot.key, slot.extent)
 
-    def _read_into_image(self, reader: ShardReader, bucket: Bucket) -> None:
+    def _read_into_image(self, reader: ShardReader, bucket: Bucket,
+                         as_read: dict[int, torch.Tensor], j: int, keep: bool) -> None:
+        """Read ``bucket`` into the image; keep it as read in ``as_read[j]`` too if ``keep``."""
         layout, data = self.layout, self.image.data
         views = [layout.slot_bytes(data, s) for s in bucket.slots]
         if all(s.dtype == layout.dtype[s.key] for s in bucket.slots):
@@ -162,15 +175,35 @@ class Exchange:
             return
         staged = torch.empty(bucket.nbytes, dtype=torch.uint8)  # one bucket per thread
         reader.read(bucket, staged)
-        for s, view in zip(bucket.slots, views):
-            src = staged[s.offset:s.offset + s.nbytes].view(s.dtype).view(s.shape)
-            view.view(layout.dtype[s.key]).view(s.shape).copy_(src)
+        self._convert_into_image(bucket, staged)
+        if keep:
+            as_read[j] = staged
 
-    def _cross_nodes(self, j: int, bucket: Bucket) -> None:
-        """The bucket's reader sends its bytes in the image to one rank of every other node (a
-        different local rank for consecutive buckets, so that receiving is spread too)."""
+    def _convert_into_image(self, bucket: Bucket, staged: torch.Tensor) -> None:
+        for s in bucket.slots:
+            src = staged[s.offset:s.offset + s.nbytes].view(s.dtype).view(s.shape)
+            self.layout.slot_bytes(self.image.data, s).view(self.layout.dtype[s.key]).view(
+                s.shape).copy_(src)
+
+    def _crosses_as_read(self, bucket: Bucket) -> bool:
+        """Whether the bucket is smaller as read than converted (its dtypes widen): it then
+        crosses nodes as read, and each receiving node converts it. The same on every rank."""
+        first, last = bucket.slots[0], bucket.slots[-1]
+        converted = self.layout.slot_end(last) - self.layout.slot_begin(first)
+        return (any(s.dtype != self.layout.dtype[s.key] for s in bucket.slots)
+                and bucket.nbytes < converted)
+
+    def _cross_nodes(self, j: int, bucket: Bucket, as_read: torch.Tensor | None) -> None:
+        """The bucket's reader sends it to one rank of every other node (a different local rank
+        for consecutive buckets, so that receiving is spread too): its bytes in the image, or
+        as read (``as_read``; a reader that failed sends whatever its buffer holds, the failure
+        is agreed on later), which the receiver converts into its node's image."""
         topo, me = self.topology, self.comm.rank
-        view = self.layout.bucket_bytes(self.image.data, bucket)
+        raw = self._crosses_as_read(bucket)
+        if raw and (me != bucket.owner or as_read is None):
+            view = self.buffers.get("cross", bucket.nbytes)
+        else:
+            view = as_read if raw else self.layout.bucket_bytes(self.image.data, bucket)
         sends, recvs = [], []
         for node in range(topo.num_nodes):
             if node == topo.node_of[bucket.owner]:
@@ -182,6 +215,8 @@ class Exchange:
             elif me == receiver:
                 recvs.append((view, bucket.owner))
         self.comm.exchange(sends, recvs)
+        if raw and recvs:
+            self._guard("distribute", self._convert_into_image, bucket, view)
 
     def _map_image(self, run: list[Bucket]) -> None:
         private = self.image.private()
@@ -508,6 +543,12 @@ class ImageLayout:
         size = self.dtype[slot.key].itemsize
         begin = self.offset[slot.key] + slot.row * _numel(slot.shape[1:]) * size
         return begin, begin + _numel(slot.shape) * size
+
+    def slot_begin(self, slot: Slot) -> int:
+        return self._slot_range(slot)[0]
+
+    def slot_end(self, slot: Slot) -> int:
+        return self._slot_range(slot)[1]
 
     def slot_bytes(self, data: torch.Tensor, slot: Slot) -> torch.Tensor:
         """The bytes of ``slot``'s rows, in the parameter's dtype."""

@@ -322,3 +322,50 @@ def test_a_narrowing_dtype_is_converted_by_the_reader_before_it_is_sent(checkpoi
         for mode in ("backend", "fsdp2-sent", "tp-sent"):
             ratio = r[mode, "torch.bfloat16"] / r[mode, "None"]
             assert 0.45 < ratio < 0.55, (mode, r)
+
+
+def _widened(rank: int, world_size: int, path: str, nodes: list[int]) -> dict:
+    import torch
+
+    import distshard.comm
+
+    os.environ["DISTSHARD_NODE"] = str(nodes[rank])
+    sent = []
+    exchange = distshard.comm.Comm.exchange
+
+    def counting(self, sends, recvs):
+        sent.append(sum(t.numel() * t.element_size() for t, _ in sends))
+        return exchange(self, sends, recvs)
+
+    distshard.comm.Comm.exchange = counting
+    out = {}
+    for dtype in (torch.bfloat16, torch.float32):  # as in the file; widened by the load
+        model = empty_model("llama")
+        sent.clear()
+        distshard.load(model, path, bucket_size=SMALL_BUCKET, dtype=dtype, shared_memory=True,
+                       map_checkpoint=False)
+        want = {k: v.to(dtype) if v.is_floating_point() else v
+                for k, v in safetensors.torch.load_file(os.path.join(path, "model.safetensors"))
+                .items()}
+        got = model.state_dict()
+        for k, v in want.items():
+            assert got[k].dtype == v.dtype and torch.equal(got[k], v), (dtype, k)
+        out[str(dtype)] = sum(sent)
+    return out
+
+
+def test_a_widening_dtype_crosses_nodes_as_read_and_is_converted_by_the_receivers(tmp_path):
+    # bf16 checkpoint, fp32 model: what crosses nodes is bf16 (as in the file), the same bytes as
+    # a bf16 load, not the doubled fp32; each node converts into its image; bitwise everywhere
+    import torch
+
+    torch.manual_seed(0)
+    model = empty_model("llama")
+    state = {k: torch.randn(v.shape).to(torch.bfloat16) if v.is_floating_point()
+             else torch.zeros(v.shape, dtype=v.dtype) for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight")
+    safetensors.torch.save_file(state, str(tmp_path / "model.safetensors"))
+    results = run_ranks(_widened, 4, str(tmp_path), [0, 0, 1, 1], timeout=DEADLINE)
+    total = [sum(r[k] for r in results) for k in ("torch.bfloat16", "torch.float32")]
+    assert total[0] > 0 and total[1] == total[0], results
