@@ -121,13 +121,18 @@ class Exchange:
         gates: dict[int, threading.Semaphore] = {}  # per reader: one such bucket at a time
         room: dict[int, threading.Semaphore] = {}  # each such bucket's reader's gate
 
-        def read(reader: ShardReader, j: int) -> None:
+        def read_one(reader: ShardReader, j: int) -> None:
             keep = crossing and self._crosses_as_read(run[j])
             if keep:
                 room[j] = gates.setdefault(id(reader), threading.Semaphore(1))
                 room[j].acquire()  # released once its previous such bucket has been sent
-            self._guard("read", self._read_into_image, reader, run[j], as_read, j, keep)
-            ready[j].set()
+            self._read_into_image(reader, run[j], as_read, j, keep)
+
+        def read(reader: ShardReader, j: int) -> None:
+            try:
+                self._guard("read", read_one, reader, j)
+            finally:
+                ready[j].set()  # even if it failed: the bucket is sent (and the load fails)
 
         join = self._start_readers(mine, read)
         for j, bucket in enumerate(run):
