@@ -16,8 +16,10 @@ parameter, which must agree across loaders. Ratios are against the fastest peer 
 group and against the cold-read bound (checkpoint bytes / one reader's cold sequential read rate,
 the better of two passes); the bounds (cold read, memcpy, gloo broadcast) are measured first, in
 the same run. With ``--repeats N`` every loader of a row group runs N times, the loaders taking
-turns (so that the machine's drift reaches them all alike), and each row is the run of median
-time (the JSON keeps every time).
+turns in a different order each round (a seeded shuffle: the machine's drift reaches them all
+alike, and no loader always runs right after the same one -- here, a loader that follows one
+that freed gigabytes of private memory runs up to 0.2 s slower), and each row is the run of
+median time (the JSON keeps every time).
 
 Loaders (``sharded``: each is followed by ``fully_shard`` of every block and the root, except
 distshard and DCP, which load straight into the sharded model):
@@ -33,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import sys
 import time
 
@@ -238,8 +241,8 @@ def main() -> int:
     for mode in args.modes:
         for n in args.ranks:
             runs = {loader: [] for loader in args.loaders}
-            for _ in range(args.repeats):
-                for loader in args.loaders:
+            for k in range(args.repeats):
+                for loader in random.Random(k).sample(args.loaders, len(args.loaders)):
                     evict(ckpt)
                     row = dict(scenario="S1", mode=mode, ranks=n, loader=loader)
                     runs[loader].append(measure(row, lambda: run_ranks(
