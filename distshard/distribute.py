@@ -60,10 +60,27 @@ class Exchange:
         self.bytes_received = 0  # from other ranks, through the collectives
         self._filled: dict[str, int] = {}  # elements written into each destination
         self._filled_lock = threading.Lock()
+        self._ahead: _ReadAhead | None = None
 
     def run(self) -> RankFailure | None:
-        whole: list[Bucket] = []  # consecutive buckets every rank wants whole
-        own: list[tuple[str, tuple[Piece, ...]]] = []  # pieces this rank reads itself, pending
+        steps = self._steps()
+        # this rank's buckets that go through the backend, read ahead on a thread (see _ReadAhead)
+        ahead = [b for kind, b, _ in steps if b.owner == self.comm.rank and (
+            kind == "sliced" or (kind == "whole" and self.image is None and not self.mapped))]
+        self._ahead = _ReadAhead(self, ahead) if ahead else None
+        try:
+            self._run_steps(steps)
+        finally:
+            if self._ahead is not None:
+                self._ahead.close()
+        self._guard("distribute", self._check_filled)
+        return self.failure
+
+    def _steps(self) -> list[tuple[str, Bucket, object]]:
+        """Each bucket this rank takes part in, in plan order, with how it moves: ``whole``
+        (every rank wants it whole), ``own`` (each rank reads its own rows; with its pieces) or
+        ``sliced`` (cut by the reader and sent; with the wire bucket and every rank's layout)."""
+        steps = []
         for bucket in self.plan.buckets:
             if self.comm.rank not in self._members(bucket):
                 continue
@@ -71,26 +88,36 @@ class Exchange:
             members = self._members(bucket)
             layouts = [lay if r in members else ((), 0) for r, lay in enumerate(every)]
             if all(p.box == p.slot.extent for pieces, _ in layouts for p in pieces):
-                whole.append(bucket)
-                continue
-            if self.image is not None or self.mapped:
+                steps.append(("whole", bucket, None))
+            elif self.image is not None or self.mapped:
                 raise AssertionError("a node image holds only loads of whole tensors")
-            self._replicate(whole)
-            whole = []
-            if self._each_reads_own(bucket, every):
-                own.append((bucket.file, layouts[self.comm.rank][0]))
+            elif self._each_reads_own(bucket, every):
+                steps.append(("own", bucket, layouts[self.comm.rank][0]))
             else:
-                self._read_own_pieces(own)
-                own = []
                 wire = self._wire(bucket)
                 if wire is not bucket:  # narrowed: the pieces are cut from the wire's layout
                     layouts = [payload_layout(wire, b) if r in members else ((), 0)
                                for r, b in enumerate(self.boxes)]
-                self._send_slices(bucket, wire, layouts)
+                steps.append(("sliced", bucket, (wire, layouts)))
+        return steps
+
+    def _run_steps(self, steps: list[tuple[str, Bucket, object]]) -> None:
+        whole: list[Bucket] = []  # consecutive buckets every rank wants whole
+        own: list[tuple[str, tuple[Piece, ...]]] = []  # pieces this rank reads itself, pending
+        for kind, bucket, extra in steps:
+            if kind == "whole":
+                whole.append(bucket)
+                continue
+            self._replicate(whole)
+            whole = []
+            if kind == "own":
+                own.append((bucket.file, extra))
+            else:
+                self._read_own_pieces(own)
+                own = []
+                self._send_slices(bucket, *extra)
         self._read_own_pieces(own)
         self._replicate(whole)
-        self._guard("distribute", self._check_filled)
-        return self.failure
 
     def _replicate(self, run: list[Bucket]) -> None:
         if self.mapped:
@@ -253,7 +280,7 @@ class Exchange:
         wire = self._wire(bucket)
         direct = self._direct_buffer(wire)
         buf = direct if direct is not None else self.buffers.get("bucket", wire.nbytes)
-        self._read(bucket, buf, wire)
+        buf = self._read(bucket, buf, wire, scratch=direct is None)
         members = self._members(bucket)
         if len(members) == self.comm.world_size:
             self.comm.broadcast(buf, bucket.owner)
@@ -267,6 +294,7 @@ class Exchange:
             self._unpack(wire.slots, [s.extent for s in wire.slots], buf, from_bucket=True)
         elif self.failure is None:
             self._fill(wire.slots[0].key, wire.slots[0].extent)
+        self._done_with(bucket)
 
     def _wire(self, bucket: Bucket) -> Bucket:
         """``bucket`` as it travels between ranks: a floating tensor whose destination dtype is
@@ -295,13 +323,12 @@ class Exchange:
         point; ranks that need nothing of it take no part. A rank's single piece that is
         contiguous (whole rows) goes straight from the bucket, and lands straight in its
         destination; other payloads are packed. A rank uses one bucket buffer whether it sends
-        or receives, plus the packed slices when it sends: at most two buckets of staging (three
-        when the reader narrows the bucket's dtypes)."""
+        or receives, plus the packed slices when it sends, plus what it reads ahead (see
+        :class:`_ReadAhead`)."""
         me, owner = self.comm.rank, bucket.owner
         mine = layouts[me][0]
         if me == owner:
-            full = self.buffers.get("bucket", wire.nbytes)
-            self._read(bucket, full, wire)
+            full = self._read(bucket, self.buffers.get("bucket", wire.nbytes), wire, scratch=True)
             peers = [r for r, (_, n) in enumerate(layouts) if r != me and n > 0]
             sends, packed = [], []
             for r in peers:
@@ -319,6 +346,7 @@ class Exchange:
                 sends.append((chunk, r))
             self.comm.exchange(sends, [])
             self._unpack([p.slot for p in mine], [p.box for p in mine], full, from_bucket=True)
+            self._done_with(bucket)
         elif layouts[me][1] > 0:
             direct = self._direct_piece(mine)
             received = direct if direct is not None else self.buffers.get("bucket", layouts[me][1])
@@ -408,16 +436,39 @@ class Exchange:
         origin = mine[p.slot.key][0] if p.slot.key in mine else None
         return _flat(dest[_region(p.box, origin)])
 
-    def _read(self, bucket: Bucket, buf: torch.Tensor, wire: Bucket | None = None) -> None:
-        """The owner reads ``bucket`` into ``buf``, laid out as ``wire`` (default: as read)."""
+    def _read(self, bucket: Bucket, buf: torch.Tensor, wire: Bucket | None = None, *,
+              scratch: bool = False) -> torch.Tensor:
+        """On the owner, ``bucket`` laid out as ``wire`` (default: as read) in ``buf``, or, where
+        ``buf`` is only scratch space, in the buffer it was read ahead into; return that
+        buffer. Other ranks get ``buf`` back."""
         if bucket.owner != self.comm.rank:
-            return
-        if wire is None or wire is bucket:
+            return buf
+        ahead = self._ahead.take(bucket) if self._ahead is not None else None
+        narrowed = wire is not None and wire is not bucket
+        if ahead is not None:
+            if not narrowed and scratch and ahead.device == buf.device:
+                return ahead  # sent straight from where it was read
+            src = ahead
+            if narrowed and ahead.device != buf.device:
+                src = self.buffers.get("raw", bucket.nbytes)
+                src.copy_(ahead)
+            if narrowed:
+                self._guard("distribute", _convert, bucket, src, wire, buf)
+            else:
+                buf.copy_(ahead)
+            return buf
+        if not narrowed:
             self._guard("read", self.buffers.read_into, self.reader, bucket, buf)
-            return
+            return buf
         raw = self.buffers.get("raw", bucket.nbytes)
         self._guard("read", self.buffers.read_into, self.reader, bucket, raw)
         self._guard("distribute", _convert, bucket, raw, wire, buf)
+        return buf
+
+    def _done_with(self, bucket: Bucket) -> None:
+        """The owner has sent ``bucket``: its read-ahead buffer may take the next one."""
+        if bucket.owner == self.comm.rank and self._ahead is not None:
+            self._ahead.release(bucket)
 
     def _unpack(self, slots, boxes, buf: torch.Tensor, *, from_bucket: bool = False,
                 offsets: list[int] | None = None) -> None:
@@ -567,6 +618,61 @@ class ImageLayout:
     def tensors(self, data: torch.Tensor) -> dict[str, torch.Tensor]:
         return {k: data[o:o + _numel(self.shape[k]) * self.dtype[k].itemsize]
                 .view(self.dtype[k]).view(self.shape[k]) for k, o in self.offset.items()}
+
+
+class _ReadAhead:
+    """Reads this rank's buckets that go through the backend ahead, in plan order, on one
+    thread, into one host buffer: as soon as the rank has sent its bucket, its next one is read
+    while the collectives of the buckets between them (other ranks', in the plan's interleaved
+    order) go on. One bucket of staging; the thread is at most one bucket ahead."""
+
+    def __init__(self, exchange: Exchange, buckets: list[Bucket]) -> None:
+        self._exchange, self._buckets = exchange, buckets
+        self._index = {id(b): i for i, b in enumerate(buckets)}
+        self._ready = [threading.Event() for _ in buckets]
+        self._held: list[torch.Tensor | None] = [None] * len(buckets)
+        self._free = threading.Semaphore(1)
+        self._stop = False
+        pin = exchange.comm.device.type == "cuda"
+        size = max(b.nbytes for b in buckets)
+        self._buffer = torch.empty(size, dtype=torch.uint8, pin_memory=pin)
+        self._reader = exchange.reader.clone()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="distshard-ahead")
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            for i, bucket in enumerate(self._buckets):
+                self._free.acquire()
+                if self._stop:
+                    return
+                held = self._buffer[:bucket.nbytes]
+                self._exchange._guard("read", self._reader.read, bucket, held)
+                self._held[i] = held
+                self._ready[i].set()
+        finally:
+            for event in self._ready:  # nobody waits forever, whatever happened here
+                event.set()
+            self._reader.close()
+
+    def take(self, bucket: Bucket) -> torch.Tensor | None:
+        """The bucket as read (file layout, host memory), once it is; None if not read ahead."""
+        i = self._index.get(id(bucket))
+        if i is None:
+            return None
+        self._ready[i].wait()
+        held = self._held[i]
+        return held if held is not None else self._buffer[:bucket.nbytes]
+
+    def release(self, bucket: Bucket) -> None:
+        if id(bucket) in self._index:
+            self._free.release()
+
+    def close(self) -> None:
+        self._stop = True
+        self._free.release()
+        self._thread.join()
+        self._exchange.reader.absorb(self._reader)
 
 
 class _Buffers:

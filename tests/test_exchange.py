@@ -369,3 +369,54 @@ def test_a_widening_dtype_crosses_nodes_as_read_and_is_converted_by_the_receiver
     results = run_ranks(_widened, 4, str(tmp_path), [0, 0, 1, 1], timeout=DEADLINE)
     total = [sum(r[k] for r in results) for k in ("torch.bfloat16", "torch.float32")]
     assert total[0] > 0 and total[1] == total[0], results
+
+
+def _overlapped(rank: int, world_size: int, path: str) -> dict:
+    import threading
+    import time
+
+    import distshard.comm
+    import distshard.reader
+
+    events, lock = [], threading.Lock()
+
+    def timed(name, fn):
+        def wrapper(*args, **kwargs):
+            began = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                with lock:
+                    events.append((name, began, time.perf_counter()))
+        return wrapper
+
+    broadcast = distshard.comm.Comm.broadcast
+
+    def slow_broadcast(self, tensor, src):
+        time.sleep(0.05)  # a slow wire: the next read has time to start meanwhile
+        return broadcast(self, tensor, src)
+
+    read = distshard.reader.ShardReader.read
+
+    def slow_read(self, bucket, buf):
+        time.sleep(0.02)  # a slow disk
+        return read(self, bucket, buf)
+
+    distshard.comm.Comm.broadcast = timed("send", slow_broadcast)
+    distshard.reader.ShardReader.read = timed("read", slow_read)
+    model = empty_model("llama")
+    report = distshard.load(model, path, bucket_size=SMALL_BUCKET, shared_memory=False)
+    assert_same(model, reference("llama", path), f"rank {rank}")
+    sends = [(b, e) for name, b, e in events if name == "send"]
+    reads = [(b, e) for name, b, e in events if name == "read"]
+    # reads of this rank's buckets that ran while a collective was under way
+    during = sum(any(sb < re and rb < se for sb, se in sends) for rb, re in reads)
+    return dict(reads=len(reads), during=during, read=report.bytes_read)
+
+
+def test_the_next_bucket_is_read_while_the_current_one_is_sent(checkpoints):
+    # (read on the main thread, between collectives, no read could ever overlap one)
+    results = run_ranks(_overlapped, 2, checkpoints["llama"], timeout=DEADLINE)
+    for r in results:
+        assert r["reads"] > 2 and r["read"] > 0, results
+        assert r["during"] >= r["reads"] // 3, results
