@@ -30,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import NoReturn
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -48,7 +49,7 @@ from harness import (  # noqa: E402
 LOADERS = ["distshard", "distshard-node", "transformers", "accelerate", "rank0-bcast", "dcp"]
 
 
-def worker(loader: str, mode: str, ckpt: str, out: str) -> None:
+def worker(loader: str, mode: str, ckpt: str, out: str) -> NoReturn:
     """One rank, under torchrun: load, touch, report to ``out/rank<R>.json``."""
     import torch.distributed as dist
     from compare import _rank
@@ -62,8 +63,9 @@ def worker(loader: str, mode: str, ckpt: str, out: str) -> None:
         result = dict(error=f"{type(e).__name__}: {e}")
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
-    dist.barrier()
-    dist.destroy_process_group()
+    from distshard.testing import end_job
+
+    end_job()  # barrier, destroy the process group, exit (after the clock: imports here are free)
 
 
 class Cap:
@@ -249,5 +251,4 @@ def main() -> int:
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
         worker(*sys.argv[2:6])
-        sys.exit(0)
     sys.exit(main())

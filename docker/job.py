@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -23,6 +23,7 @@ from torch.distributed.tensor import DTensor
 from transformers import AutoModelForCausalLM
 
 from distshard.hf import from_pretrained
+from distshard.testing import end_job
 from distshard.topology import node_name
 
 
@@ -42,7 +43,7 @@ def first_difference(model: torch.nn.Module, reference: torch.nn.Module) -> str 
     return difference
 
 
-def main() -> int:
+def main() -> NoReturn:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True)
     ckpt = parser.parse_args().checkpoint
@@ -72,9 +73,7 @@ def main() -> int:
           f"fsdp2={'bitwise-equal' if sharded is None else 'DIFFERS:' + sharded} "
           f"(against single-process transformers from_pretrained)", flush=True)
     results = _all_gather(ok)
-    dist.barrier()  # every rank done with its last collective before teardown
-    dist.destroy_process_group()
-    return 0 if all(results) else 1
+    end_job(0 if all(results) else 1)  # barrier, destroy the process group, exit
 
 
 def _csv(values: list[int]) -> str:
@@ -88,4 +87,4 @@ def _all_gather(obj: object) -> list:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

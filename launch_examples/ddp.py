@@ -9,10 +9,11 @@ parameters would send them all again: ``init_sync=False`` skips it.
 from __future__ import annotations
 
 import torch.distributed as dist
-from common import finish, meta_model, start, train_step
+from common import meta_model, start, train_step
 from torch.nn.parallel import DistributedDataParallel
 
 import distshard
+from distshard.testing import end_job
 
 
 def main() -> None:
@@ -25,7 +26,7 @@ def main() -> None:
     if dist.get_rank() == 0:
         print(report.summary())
         print(f"one DDP step done, loss {loss:.4f}")
-    finish()
+    end_job()  # barrier, destroy the process group, exit (see its docstring)
 
 
 if __name__ == "__main__":

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from common import finish, meta_model, start
+from common import meta_model, start
 
 import distshard
+from distshard.testing import end_job
 
 
 def main() -> None:
@@ -35,7 +36,7 @@ def main() -> None:
         print(report.summary())
         same = all(torch.equal(s, sums[0]) for s in sums)
         print(f"parameter checksum {float(sums[0]):.6f} on every rank: {'same' if same else 'DIFFERENT'}")
-    finish()
+    end_job()  # barrier, destroy the process group, exit (see its docstring)
 
 
 if __name__ == "__main__":

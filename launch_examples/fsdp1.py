@@ -13,11 +13,12 @@ already equal.
 from __future__ import annotations
 
 import torch.distributed as dist
-from common import finish, meta_model, start, train_step
+from common import meta_model, start, train_step
 from torch.distributed.fsdp import FullyShardedDataParallel
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
 import distshard
+from distshard.testing import end_job
 
 
 def main() -> None:
@@ -32,7 +33,7 @@ def main() -> None:
     if dist.get_rank() == 0:
         print(report.summary())
         print(f"one FSDP1 step done, loss {loss:.4f}")
-    finish()
+    end_job()  # barrier, destroy the process group, exit (see its docstring)
 
 
 if __name__ == "__main__":

@@ -9,11 +9,12 @@ each rank's local shard. No rank ever holds the full model.
 from __future__ import annotations
 
 import torch.distributed as dist
-from common import finish, meta_model, start, train_step
+from common import meta_model, start, train_step
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
 import distshard
+from distshard.testing import end_job
 
 
 def main() -> None:
@@ -31,7 +32,7 @@ def main() -> None:
               f"{sum(p.numel() for p in model.parameters()):,} parameters; "
               f"received {report.bytes_received:,} bytes")
         print(f"one FSDP2 step done, loss {loss:.4f}")
-    finish()
+    end_job()  # barrier, destroy the process group, exit (see its docstring)
 
 
 if __name__ == "__main__":

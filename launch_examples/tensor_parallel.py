@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from common import finish, meta_model, start
+from common import meta_model, start
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
@@ -19,6 +19,7 @@ from torch.distributed.tensor.parallel import (
 )
 
 import distshard
+from distshard.testing import end_job
 
 PLAN = {"self_attn.q_proj": ColwiseParallel(), "self_attn.k_proj": ColwiseParallel(),
         "self_attn.v_proj": ColwiseParallel(), "self_attn.o_proj": RowwiseParallel(),
@@ -42,7 +43,7 @@ def main() -> None:
         print(report.summary())
         print(f"logits checksum {float(sums[0]):.6f} on every rank: "
               f"{'same' if all(torch.equal(s, sums[0]) for s in sums) else 'DIFFERENT'}")
-    finish()
+    end_job()  # barrier, destroy the process group, exit (see its docstring)
 
 
 if __name__ == "__main__":

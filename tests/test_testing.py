@@ -356,3 +356,33 @@ def test_run_torchrun_kills_every_rank_at_the_deadline(tmp_path):
     assert sorted(failed.value.errors) == [0, 1]
     pids = [int((tmp_path / str(r)).read_text()) for r in range(2)]  # both had started
     assert not any(_alive(pid) for pid in pids)
+
+
+END_JOB_SCRIPT = '''
+import atexit, logging, sys
+import torch
+import torch.distributed as dist
+from distshard.testing import end_job
+
+if sys.argv[1] == "gloo":
+    dist.init_process_group("gloo", init_method="file://" + sys.argv[2], rank=0, world_size=1)
+    dist.all_reduce(torch.ones(1))
+logging.basicConfig(stream=sys.stderr, format="%(message)s")
+logging.getLogger("job").warning("logged")
+atexit.register(print, "atexit ran")
+print("done, no newline", end="")
+end_job(int(sys.argv[3]))
+print("not reached")
+'''
+
+
+@pytest.mark.parametrize("group", ["gloo", "none"])
+def test_end_job_exits_with_the_code_and_flushes_what_the_rank_wrote(tmp_path, group):
+    script = tmp_path / "job.py"
+    script.write_text(END_JOB_SCRIPT)
+    proc = subprocess.run([sys.executable, str(script), group, str(tmp_path / "rdzv"), "3"],
+                          capture_output=True, text=True, timeout=DEADLINE,
+                          env={k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"})
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stdout == "done, no newline"  # flushed; atexit handlers and the rest never ran
+    assert "logged" in proc.stderr
