@@ -19,8 +19,9 @@ from .errors import DistShardError
 from .index import FileInfo, describe_file, find_checkpoint
 from .loader import DEFAULT_BUCKET_SIZE
 from .plan import make_plan
+from .reshard import reshard
+from .shardfiles import parse_size
 from .validate import TargetSpec, match_checkpoint
-from .writer import parse_size, reshard
 
 __all__ = ["main"]
 

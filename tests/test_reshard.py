@@ -17,9 +17,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import distshard
-import distshard.writer as writer
+import distshard.reshard as reshard
 from distshard.cli import main
-from distshard.writer import parse_size
+from distshard.shardfiles import COPY_CHUNK, parse_size
 
 
 def source_tensors(path: str) -> dict[str, torch.Tensor]:
@@ -99,14 +99,14 @@ def test_human_output_names_every_file(checkpoints, tmp_path, capsys):
 
 MEMORY_SCRIPT = textwrap.dedent("""
     import json, os, sys
-    import distshard.writer as writer
+    import distshard.reshard as reshard
     from distshard.cli import main
 
     def status(field):
         with open("/proc/self/status") as f:
             return next(int(l.split()[1]) * 1024 for l in f if l.startswith(field + ":"))
 
-    writer.USE_COPY_FILE_RANGE = sys.argv[3] == "kernel"
+    reshard.USE_COPY_FILE_RANGE = sys.argv[3] == "kernel"
     with open("/proc/self/clear_refs", "w") as f:  # restart VmHWM from the current RSS
         f.write("5")
     before = status("VmRSS")
@@ -132,7 +132,7 @@ def test_reshard_memory_stays_at_a_chunk_not_a_shard(tmp_path, copy):
     # the 4 tensors do not fit two to a 30 MB file: 4 files, each a whole shard's worth of bytes
     assert len(weight_files(str(tmp_path / "out"))) == 4
     # a chunk (8 MB), not a tensor (26 MB), a file or the checkpoint (105 MB)
-    assert result["growth"] < 2 * writer.COPY_CHUNK < size / 6, (
+    assert result["growth"] < 2 * COPY_CHUNK < size / 6, (
         f"peak RSS grew {result['growth']} bytes resharding {size} bytes")
     for key, value in source_tensors(str(tmp_path / "out")).items():
         assert torch.equal(value, state[key]), key
@@ -173,8 +173,8 @@ def test_a_failure_while_writing_leaves_the_output_empty(checkpoints, tmp_path, 
             raise OSError(5, "Input/output error")
         real(src_fd, offset, count, dst_fd)
 
-    real = writer.copy_range
-    monkeypatch.setattr(writer, "copy_range", failing)
+    real = reshard.copy_range
+    monkeypatch.setattr(reshard, "copy_range", failing)
     out = tmp_path / "out"
     assert main(["reshard", checkpoints["llama"], str(out), "--max-shard-size", "20KB"]) == 1
     assert "Input/output error" in capsys.readouterr().err

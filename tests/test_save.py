@@ -30,8 +30,9 @@ from transformers.utils.hub import convert_file_size_to_int
 
 import distshard
 from distshard import DistShardError
+from distshard.shardfiles import parse_size, plan_shards
 from distshard.testing import run_ranks
-from distshard.writer import parse_size, plan_shards, save
+from distshard.writer import save
 
 DEADLINE = 240
 SHARD = "40KB"  # several files for every model here
