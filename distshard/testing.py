@@ -484,6 +484,16 @@ def _rank_log(logs: str, rank: int, stream: str) -> str:
 _FAILURE = re.compile(r"rank\s*:\s*(\d+)\s*\(local_rank:\s*\d+\)\s*\n\s*exitcode\s*:\s*(-?\d+)")
 
 
+_TEARDOWN_ABORT = "terminate called without an active exception"
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
 def _torchrun_failure(result: TorchrunResult, cmd: list[str], returncode: int,
                       timeout: float | None) -> RanksFailed:
     nproc = len(result.stdout)
@@ -499,8 +509,14 @@ def _torchrun_failure(result: TorchrunResult, cmd: list[str], returncode: int,
         code = codes[rank]
         why = ("killed at the deadline" if timeout is not None else
                "exit code unknown" if code is None else
-               f"stopped by torchrun (signal {-code}) after another rank failed" if code < 0 else
-               f"exit code {code}")
+               f"exit code {code}" if code >= 0 else
+               f"stopped by torchrun ({_signal_name(-code)}) after another rank failed"
+               if -code in (signal.SIGTERM, signal.SIGKILL) else
+               f"killed by {_signal_name(-code)}")
+        if _TEARDOWN_ABORT in result.stderr[rank]:
+            why += (" in the interpreter's teardown, after its work: a gloo worker thread of a "
+                    "process group that outlived destroy_process_group; end the script with "
+                    "distshard.testing.end_job()")
         errors[rank] = (f"rank {rank}: {why}\n[stderr]\n{result.stderr[rank][-4000:]}"
                         f"[stdout]\n{result.stdout[rank][-2000:]}")
     text = "\n".join(f"--- rank {r} ---\n{e}" for r, e in errors.items())

@@ -386,3 +386,25 @@ def test_end_job_exits_with_the_code_and_flushes_what_the_rank_wrote(tmp_path, g
     assert proc.returncode == 3, proc.stderr
     assert proc.stdout == "done, no newline"  # flushed; atexit handlers and the rest never ran
     assert "logged" in proc.stderr
+
+
+ABORTING_SCRIPT = '''
+import os, sys, time
+if os.environ["RANK"] == "1":
+    time.sleep(1)
+    print("rank 1 done", flush=True)
+    sys.stderr.write("terminate called without an active exception\\n")
+    sys.stderr.flush()
+    os.abort()
+'''
+
+
+@pytest.mark.multiprocess
+def test_run_torchrun_names_a_rank_that_aborted_in_teardown(tmp_path):
+    script = tmp_path / "aborts.py"
+    script.write_text(ABORTING_SCRIPT)
+    with pytest.raises(RanksFailed) as failed:
+        run_torchrun(script, 2, timeout=DEADLINE)
+    assert sorted(failed.value.errors) == [1], str(failed.value)
+    assert "killed by SIGABRT in the interpreter's teardown" in failed.value.errors[1]
+    assert "end_job()" in failed.value.errors[1] and "rank 1 done" in failed.value.errors[1]
