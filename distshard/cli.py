@@ -176,7 +176,11 @@ def _shard_size(text: str) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="distshard", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="distshard",
+        description="Look at a checkpoint before a job loads it, or rewrite it with another "
+                    "shard size. Every command prints for a person, or with --json one JSON "
+                    "object; it exits non-zero with the reason when the checkpoint is not valid.")
     sub = p.add_subparsers(dest="command", required=True)
     for name, text in (("inspect", "format, files, tensors, dtypes, sizes; checks the index"),
                        ("plan", "who reads what with N ranks on M nodes"),
