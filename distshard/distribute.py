@@ -451,11 +451,11 @@ class Exchange:
             src = ahead
             if narrowed and ahead.device != buf.device:
                 src = self.buffers.get("raw", bucket.nbytes)
-                src.copy_(ahead)
+                self._guard("distribute", src.copy_, ahead)
             if narrowed:
                 self._guard("distribute", _convert, bucket, src, wire, buf)
             else:
-                buf.copy_(ahead)
+                self._guard("distribute", buf.copy_, ahead)
             return buf
         if not narrowed:
             self._guard("read", self.buffers.read_into, self.reader, bucket, buf)
@@ -502,16 +502,18 @@ class Exchange:
             self.failure = failure_of(e, self.comm.rank, phase)
 
     def _direct_buffer(self, bucket: Bucket) -> torch.Tensor | None:
-        """The destination's own bytes, when a bucket is one tensor that needs no conversion:
-        it is then read or received in place, with no staging copy."""
+        """The destination's own bytes, when a bucket is one tensor (or rows of one) that needs
+        no conversion: it is then read or received in place, with no staging copy. The rows
+        are found in the destination by where it starts: a local shard starts at its offset."""
         if self.dests is None or len(bucket.slots) != 1:
             return None
         slot = bucket.slots[0]
         dest = self.dests[slot.key]
         if dest.dtype != slot.dtype or dest.device != self.comm.device or slot.nbytes == 0:
             return None
-        rows = dest[slot.row:slot.row + slot.shape[0]] if slot.shape else dest
-        return rows.reshape(-1).view(torch.uint8)
+        mine = self.boxes[self.comm.rank]
+        origin = mine[slot.key][0] if slot.key in mine else None
+        return _flat(dest[_region(slot.extent, origin)])
 
 
 def _convert(bucket: Bucket, raw: torch.Tensor, wire: Bucket, buf: torch.Tensor) -> None:

@@ -202,7 +202,7 @@ def _node_local(rank: int, world_size: int, path: str, nodes: list[int]) -> dict
     return out
 
 
-@pytest.mark.parametrize("nodes", [[0, 0, 1, 1], [0, 1, 1]])
+@pytest.mark.parametrize("nodes", [[0, 0, 1, 1], [0, 1, 1], [0, 1]])
 def test_node_locality_reads_the_checkpoint_once_per_node_and_loads_the_same(checkpoints, nodes):
     results = run_ranks(_node_local, len(nodes), checkpoints["llama"], nodes, timeout=DEADLINE)
     for mode, r in results[0].items():
