@@ -251,6 +251,10 @@ def _allocate(targets: ModelTargets, outcome: _Outcome, topology: Topology, comm
             problem = (f"rank {comm.rank} does not share {image.path} with the ranks named as "
                        f"its node's ({node_name()}); set DISTSHARD_NODE to tell nodes apart")
         ok = comm.agree(None, [problem is None, layout is not None or mapped])
+    except BaseException:  # a rank failed or a peer is gone: nothing of the image is kept
+        if image is not None:
+            image.close()
+        raise
     finally:
         if image is not None:
             image.unlink()
@@ -303,17 +307,19 @@ def _distribute(targets: ModelTargets, outcome: _Outcome, dests, comm: Comm,
                 options: LoadOptions, image: NodeImage | None, layout: ImageLayout | None,
                 mapped: bool, topology: Topology, progress: JobProgress) -> Exchange:
     """Read and distribute every bucket; every rank then agrees on the outcome."""
-    boxes = comm.all_gather_object(targets.boxes()) if targets.has_dtensors else None
-    reader = ShardReader(outcome.root, outcome.plan, on_read=progress.advance)
-    exchange = Exchange(comm, outcome.plan, reader, dests, boxes,
-                        read_own_slices=options.read_own_slices, image=image, layout=layout,
-                        topology=topology, node_local=options.locality == "node",
-                        mapped=mapped)
+    reader = None
     try:
+        boxes = comm.all_gather_object(targets.boxes()) if targets.has_dtensors else None
+        reader = ShardReader(outcome.root, outcome.plan, on_read=progress.advance)
+        exchange = Exchange(comm, outcome.plan, reader, dests, boxes,
+                            read_own_slices=options.read_own_slices, image=image, layout=layout,
+                            topology=topology, node_local=options.locality == "node",
+                            mapped=mapped)
         failure = exchange.run()
         progress.flush()  # every rank's count is in before the last agreement
     finally:
-        exchange.reader.close()
+        if reader is not None:
+            reader.close()
         if image is not None:
             image.close()
     comm.agree(failure, [])

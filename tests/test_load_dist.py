@@ -6,6 +6,8 @@ Rank bodies are module-level functions so that spawned processes can import them
 
 from __future__ import annotations
 
+import os
+import threading
 import time
 
 import pytest
@@ -84,7 +86,14 @@ def test_sub_group_of_two_in_four_loads_while_others_do_not_call(checkpoints):
     assert results[1][2] > 0 and results[3][2] > 0  # the two members shared the reading
 
 
+def _open_files() -> set[str]:
+    return {os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")
+            if os.path.exists(f"/proc/self/fd/{fd}")}
+
+
 def _inject_faults(rank: int, world_size: int, path: str, bad_ranks: list[int]) -> list:
+    distshard.load(empty_model("llama"), path, bucket_size=SMALL_BUCKET)  # warm: lazy opens
+    files_before = _open_files()
     seen = []
     for phase in _faults.PHASES:
         for bad in bad_ranks:
@@ -105,6 +114,9 @@ def _inject_faults(rank: int, world_size: int, path: str, bad_ranks: list[int]) 
             assert all(p.is_meta for p in model.parameters()), "parameters changed after an error"
             assert all(torch.equal(before[k], v) for k, v in model.named_buffers())
             seen.append((phase, bad, message, time.monotonic() - started))
+    # Nothing was left behind: no open file (checkpoint, node image), no thread of distshard.
+    assert _open_files() <= files_before, _open_files() - files_before
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("distshard")]
     # The group is still usable: a clean load after all those failures is exact.
     model = empty_model("llama")
     distshard.load(model, path, bucket_size=SMALL_BUCKET)
