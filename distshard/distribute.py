@@ -147,12 +147,17 @@ class Exchange:
         as_read: dict[int, torch.Tensor] = {}  # read, not yet sent: buckets that cross as read
         gates: dict[int, threading.Semaphore] = {}  # per reader: one such bucket at a time
         room: dict[int, threading.Semaphore] = {}  # each such bucket's reader's gate
+        stop = threading.Event()  # a collective failed: readers leave their remaining buckets
 
         def read_one(reader: ShardReader, j: int) -> None:
+            if stop.is_set():
+                return
             keep = crossing and self._crosses_as_read(run[j])
             if keep:
                 room[j] = gates.setdefault(id(reader), threading.Semaphore(1))
                 room[j].acquire()  # released once its previous such bucket has been sent
+                if stop.is_set():
+                    return
             self._read_into_image(reader, run[j], as_read, j, keep)
 
         def read(reader: ShardReader, j: int) -> None:
@@ -162,15 +167,22 @@ class Exchange:
                 ready[j].set()  # even if it failed: the bucket is sent (and the load fails)
 
         join = self._start_readers(mine, read)
-        for j, bucket in enumerate(run):
-            if bucket.owner == me:
-                ready[j].wait()  # sent in plan order, whichever thread read it
-            else:
-                self.bytes_received += bucket.nbytes
-            if crossing:
-                self._cross_nodes(j, bucket, as_read.pop(j, None))
-                if j in room:
-                    room[j].release()
+        try:
+            for j, bucket in enumerate(run):
+                if bucket.owner == me:
+                    ready[j].wait()  # sent in plan order, whichever thread read it
+                else:
+                    self.bytes_received += bucket.nbytes
+                if crossing:
+                    self._cross_nodes(j, bucket, as_read.pop(j, None))
+                    if j in room:
+                        room[j].release()
+        except BaseException:  # a peer is gone: no reader may wait for a send that won't come
+            stop.set()
+            for gate in list(gates.values()):
+                gate.release()
+            join()
+            raise
         join()
         self.comm.barrier()
         self._guard("distribute", self._map_image, run)

@@ -8,6 +8,7 @@ import logging
 import os
 import secrets
 import time
+import traceback
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -156,10 +157,15 @@ def load(
                                        mapped, topology, progress)
                 del image
                 stats = _prepare_commit(targets, outcome, comm, exchange, memory, started)
-        except DistShardError:
-            raise
-        except Exception as e:  # a collective broke: a peer exited or the group timed out
-            raise DistShardError(
+        except Exception as e:
+            # A failed load keeps nothing alive: the frames of its traceback would hold the
+            # destinations (allocated tensors, mapped files, the node image) for as long as the
+            # caller keeps the error, and an interactive session keeps the last one.
+            dests = image = exchange = None  # noqa: F841 (this frame's own references)
+            _clear_frames(e)
+            if isinstance(e, DistShardError):
+                raise
+            raise DistShardError(  # a collective broke: a peer exited or the group timed out
                 f"distshard: a collective failed on rank {comm.rank} ({type(e).__name__}: {e}); "
                 f"another rank exited or did not answer within timeout={options.timeout}; "
                 "see its log") from e
@@ -337,6 +343,16 @@ def _prepare_commit(targets: ModelTargets, outcome: _Outcome, comm: Comm, exchan
     micros = int((time.perf_counter() - started) * 1e6)
     return comm.agree(failure, [exchange.reader.bytes_read, memory.peak_above_baseline,
                                 exchange.bytes_received, micros])
+
+
+def _clear_frames(error: BaseException) -> None:
+    """Drop the local variables of the finished frames in ``error``'s traceback and in those of
+    its causes (the lines stay: the traceback prints the same)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        traceback.clear_frames(error.__traceback__)
+        error = error.__cause__ or error.__context__
 
 
 def _store(comm: Comm):

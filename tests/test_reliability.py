@@ -3,10 +3,12 @@ and no model is left changed; valid edge cases load exactly. Each case runs on 1
 
 from __future__ import annotations
 
+import os
 import re
 import time
 
 import pytest
+import torch
 from corpus import CASES, SpecModel, make_state, run_case, write_corpus
 
 import distshard
@@ -62,34 +64,52 @@ def test_corpus_on_three_ranks(corpus_roots):
         assert len({r[name]["error"] for r in results}) == 1, f"{name}: ranks disagree"
 
 
-def _die_or_stall(rank: int, world_size: int, path: str, fault: tuple) -> dict:
+# Many buckets on each reader: the readers of a rank hold as-read buckets that wait to be sent.
+WIDE_SPEC = {f"layer{i}.weight": ((64, 64), torch.float16) for i in range(24)}
+
+
+def _die_or_stall(rank: int, world_size: int, path: str, fault: tuple, nodes: bool) -> dict:
+    import threading
+
     import torch.distributed as dist
     from corpus import SPEC
 
+    spec = SPEC
+    if nodes:  # one node per rank: fp16 buckets cross nodes as read, into fp64 parameters
+        os.environ["DISTSHARD_NODE"] = str(rank)
+        spec = WIDE_SPEC
     # Every rank connected before one dies: a rank killed while a peer is still inside
     # init_process_group fails that peer there, in gloo, before distshard is called.
     dist.barrier()
     _faults.FAULT, _faults.STALL_SECONDS = fault, 8.0
-    model = SpecModel(SPEC)
+    model = SpecModel(spec)
     started = time.monotonic()
     try:
-        distshard.load(model, path, timeout=3, log_summary=False)
+        distshard.load(model, path, timeout=3, log_summary=False, bucket_size=4096,
+                       dtype=torch.float64 if nodes else None)
         return dict(error=None)
     except DistShardError as e:
+        files = [os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")
+                 if os.path.exists(f"/proc/self/fd/{fd}")]
         return dict(error=str(e), seconds=time.monotonic() - started,
-                    unchanged=all(p.is_meta for p in model.parameters()))
+                    unchanged=all(p.is_meta for p in model.parameters()),
+                    threads=[t.name for t in threading.enumerate() if t.name.startswith("distshard")],
+                    files=[f for f in files if f.startswith(path) or "distshard" in f])
 
 
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("fault", [("read", 1, "kill"), ("validate", 2, "kill"),
-                                   ("distribute", 2, "stall"), ("plan", 0, "stall")])
-def test_a_killed_or_stalled_rank_stops_the_others_within_the_timeout(tmp_path, fault):
+@pytest.mark.parametrize("fault, nodes", [
+    (("read", 1, "kill"), False), (("validate", 2, "kill"), False),
+    (("distribute", 2, "stall"), False), (("plan", 0, "stall"), False),
+    (("read", 1, "kill"), True)])
+def test_a_killed_or_stalled_rank_stops_the_others_within_the_timeout(tmp_path, fault, nodes):
     from corpus import write_sharded
 
-    write_sharded(tmp_path, make_state(), files=3)
+    write_sharded(tmp_path, make_state(WIDE_SPEC if nodes else None), files=3)
     phase, bad, action = fault
     try:
-        results = dict(enumerate(run_ranks(_die_or_stall, 3, str(tmp_path), fault, timeout=120)))
+        results = dict(enumerate(run_ranks(_die_or_stall, 3, str(tmp_path), fault, nodes,
+                                           timeout=120)))
     except RanksFailed as e:  # the killed rank leaves no result
         assert action == "kill" and set(e.errors) == {bad}, e
         results = e.results
@@ -99,3 +119,4 @@ def test_a_killed_or_stalled_rank_stops_the_others_within_the_timeout(tmp_path, 
         assert v["error"] is not None, f"rank {r} loaded although rank {bad} failed"
         assert v["unchanged"], f"rank {r}: model changed"
         assert v["seconds"] < 3 + 15, f"rank {r} took {v['seconds']:.1f} s to fail"
+        assert not v["threads"] and not v["files"], f"rank {r} left {v['threads']} {v['files']}"
