@@ -1,9 +1,10 @@
 """Find and describe a checkpoint: the index, the safetensors headers, the ``.bin`` pickles.
 
-Only metadata is read here, never tensor data. safetensors headers are validated by the
-safetensors library itself (``safe_open``: header size cap, dtype names, offsets that tile the
-data area exactly, byte lengths that match shapes); only after it accepts a file do we read the
-byte offsets from the same header, which the library does not expose.
+Only metadata is read here, never tensor data. safetensors headers are parsed and validated
+here, by the rules of the safetensors library (header size cap, dtype names, offsets that tile
+the data area exactly, byte lengths that match shapes, ``__metadata__`` string to string), which
+does not expose the byte offsets a ranged read needs; ``tests/test_index.py`` checks that this
+parser accepts exactly the files ``safe_open`` accepts.
 """
 
 from __future__ import annotations
@@ -131,7 +132,7 @@ def _read_weight_map(p: Path) -> dict[str, str]:
         raise DistShardError(f"index {p.name!r} is larger than {MAX_INDEX_BYTES} bytes", file=p.name)
     try:
         index = json.loads(p.read_bytes())
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # RecursionError: nested past the parser's depth
         raise DistShardError(f"index {p.name!r} is not valid JSON: {e}", file=p.name) from None
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
@@ -157,6 +158,9 @@ def safe_path(root: str, name: str, *, key: str | None = None) -> str:
     ...
     distshard.errors.DistShardError: file '/etc/passwd' is an absolute path; ...
     """
+    if "\0" in name:
+        raise DistShardError(f"file {name!r} has a NUL character; a file name cannot",
+                             file=name, key=key)
     parts = Path(name).parts
     if os.path.isabs(name) or name.startswith(("/", "\\")):
         raise DistShardError(
@@ -223,7 +227,7 @@ def _safetensors_header(path: str, name: str) -> dict[str, TensorInfo]:
         raw = f.read(header_len)
     try:
         header = json.loads(raw)
-    except ValueError as e:  # UnicodeDecodeError is a ValueError too
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError too
         raise bad(f"the header is not JSON ({e})") from None
     if not isinstance(header, dict):
         raise bad("the header is not a JSON object")

@@ -207,6 +207,12 @@ def _two_files_one_key(path, state):
     _edit_index(lambda wm: wm.__setitem__("extra.marker", "extra.safetensors"))(path, state)
 
 
+def _deep_header(path, state):
+    text = b"[" * 100_000 + b"]" * 100_000
+    with open(os.path.join(path, SHARD1), "wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text)
+
+
 def _grow_file(path):
     with open(os.path.join(path, SHARD2), "ab") as f:
         f.write(b"\0" * 8)
@@ -255,10 +261,13 @@ CASES: dict[str, Case] = {
     "dot-dot path in index": Case(_with(_edit_index(lambda wm: wm.__setitem__("steps", "../" + SHARD2))), "leaves the checkpoint", "../" + SHARD2, "steps"),
     "symbolic link out of the checkpoint": Case(_with(_symlink_out), "outside the checkpoint folder", SHARD1),
     "no checkpoint in folder": Case(lambda p: os.makedirs(p, exist_ok=True), "no checkpoint in folder"),
-    # safetensors headers (validated by safetensors itself)
+    "index nested past the parser's depth": Case(_with(lambda p, s: open(os.path.join(p, "model.safetensors.index.json"), "w").write("[" * 100_000 + "]" * 100_000)), "not valid JSON", "model.safetensors.index.json"),
+    "NUL in a file name of the index": Case(_with(_edit_index(lambda wm: wm.__setitem__("steps", "a\0b.safetensors"))), "NUL character", "a\0b.safetensors", "steps"),
+    # safetensors headers (distshard's own parser; tests/test_index.py checks it against safetensors)
     "truncated file": Case(_with(_truncate(4)), "not a valid safetensors", SHARD1),
     "garbage header bytes": Case(_with(lambda p, s: raw_safetensors(os.path.join(p, SHARD1), {}, b"", None) or open(os.path.join(p, SHARD1), "r+b").write(b"\x10\0\0\0\0\0\0\0\xff\xfe garbage!!!!!!")), "not a valid safetensors", SHARD1),
     "header length past end of file": Case(_with(_spoil_header(lambda h, d: (h, d), header_len=10_000)), "not a valid safetensors", SHARD1),
+    "header nested past the parser's depth": Case(_with(_deep_header), "not a valid safetensors", SHARD1),
     "header length absurdly large": Case(_with(_spoil_header(lambda h, d: (h, d), header_len=2**62)), "not a valid safetensors", SHARD1),
     "header not a JSON object": Case(_with(lambda p, s: raw_safetensors(os.path.join(p, SHARD1), [], b"")), "not a valid safetensors", SHARD1),
     "overlapping offsets": Case(_with(_spoil_header(_overlap)), "not a valid safetensors", SHARD1),

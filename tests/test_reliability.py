@@ -29,7 +29,8 @@ def check_outcome(name: str, outcome: dict, rank: int) -> None:
     assert re.search(case.error, msg), f"{name}: {msg}"
     assert re.search(r"\[rank \d+, ", msg), f"{name}: no rank named in {msg}"
     if case.file:
-        assert case.file in msg, f"{name}: file {case.file} not named in {msg}"
+        named = case.file in msg or repr(case.file) in msg
+        assert named, f"{name}: file {case.file!r} not named in {msg}"
     if case.key:
         assert repr(case.key) in msg or case.key in msg, f"{name}: key {case.key} not named in {msg}"
     assert outcome["unchanged"], f"{name}: the model was changed by a failed load"
@@ -93,7 +94,8 @@ def _die_or_stall(rank: int, world_size: int, path: str, fault: tuple, nodes: bo
                  if os.path.exists(f"/proc/self/fd/{fd}")]
         return dict(error=str(e), seconds=time.monotonic() - started,
                     unchanged=all(p.is_meta for p in model.parameters()),
-                    threads=[t.name for t in threading.enumerate() if t.name.startswith("distshard")],
+                    threads=[t.name for t in threading.enumerate()
+                             if t.name.startswith("distshard")],
                     files=[f for f in files if f.startswith(path) or "distshard" in f])
 
 
