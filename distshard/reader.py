@@ -81,25 +81,30 @@ class ShardReader:
             if self._map is None:
                 self._map = mmap.mmap(self._fd, 0, prot=mmap.PROT_READ)
             for begin, slots in _runs(bucket.slots):
-                nbytes = sum(s.nbytes for s in slots)
-                start = begin - begin % mmap.PAGESIZE
-                # read ahead from here on only: the bytes before are another rank's stretch
-                self._map.madvise(mmap.MADV_SEQUENTIAL, start, begin + nbytes - start)
-                try:
-                    self._map.madvise(_POPULATE_READ, start, begin + nbytes - start)
-                except OSError as e:
-                    if e.errno != errno.EINVAL:
-                        raise
-                    self._read_and_drop(begin, nbytes, bucket)
-                    continue
-                self._count(nbytes)
+                with self._naming(bucket.file, slots[0].key):
+                    self._populate_run(begin, slots)
 
-    def _read_and_drop(self, begin: int, nbytes: int, bucket: Bucket) -> None:
+    def _populate_run(self, begin: int, slots: list[Slot]) -> None:
+        nbytes = sum(s.nbytes for s in slots)
+        start = begin - begin % mmap.PAGESIZE
+        # read ahead from here on only: the bytes before are another rank's stretch
+        self._map.madvise(mmap.MADV_SEQUENTIAL, start, begin + nbytes - start)
+        try:
+            self._map.madvise(_POPULATE_READ, start, begin + nbytes - start)
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            self._read_and_drop(begin, slots)
+            return
+        self._count(nbytes)
+
+    def _read_and_drop(self, begin: int, slots: list[Slot]) -> None:
         if self._scratch is None:
             self._scratch = memoryview(bytearray(_SCRATCH))
-        for at in range(begin, begin + nbytes, _SCRATCH):
-            n = min(_SCRATCH, begin + nbytes - at)
-            self._read_exact(at, [self._scratch[:n]], bucket.file, bucket.slots[0].key)
+        end = begin + sum(s.nbytes for s in slots)
+        for at in range(begin, end, _SCRATCH):
+            n = min(_SCRATCH, end - at)
+            self._read_exact(at, [self._scratch[:n]], self._name, slots)
 
     def read_range(self, file: str, key: str, begin: int, out: torch.Tensor) -> None:
         """Fill contiguous CPU tensor ``out`` with its size in bytes from byte ``begin`` of
@@ -143,10 +148,14 @@ class ShardReader:
     def _preadv(self, bucket: Bucket, views: list[torch.Tensor]) -> None:
         dest = {id(slot): view for slot, view in zip(bucket.slots, views)}
         for begin, slots in _runs(bucket.slots):
-            self._read_exact(begin, [memoryview(dest[id(s)].numpy()) for s in slots],
-                             bucket.file, bucket.slots[0].key)
+            with self._naming(bucket.file, slots[0].key):
+                self._read_exact(begin, [memoryview(dest[id(s)].numpy()) for s in slots],
+                                 bucket.file, slots)
 
-    def _read_exact(self, begin: int, views: list[memoryview], file: str, key: str) -> None:
+    def _read_exact(self, begin: int, views: list[memoryview], file: str,
+                    key: str | list[Slot]) -> None:
+        """Read ``views`` from byte ``begin`` on. ``key``: the tensor read, or the slots of the
+        run (an early end names the tensor where the data stopped)."""
         want = sum(len(v) for v in views)
         done = os.preadv(self._fd, views, begin)
         while done < want:  # short read: finish the run view by view
@@ -161,6 +170,9 @@ class ShardReader:
             views = rest
             n = os.preadv(self._fd, views, begin + done)
             if n == 0:
+                if not isinstance(key, str):
+                    key = next((s.key for s in key if s.begin + s.nbytes > begin + done),
+                               key[-1].key)
                 raise DistShardError(
                     f"file {file!r} ended early: wanted {want} bytes at offset {begin}, "
                     f"got {done}", file=file, key=key)

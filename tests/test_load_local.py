@@ -401,3 +401,35 @@ def test_a_file_that_changes_before_mapping_is_refused(tmp_path):
         f.write(b"\0" * 8)
     with pytest.raises(DistShardError, match=f"{name}.*changed after it was planned"):
         map_files(str(tmp_path), plan, list(plan.buckets))
+
+
+@pytest.mark.parametrize("how", ["read", "read-and-drop"])
+def test_a_file_that_ends_early_names_the_tensor_where_it_ended(tmp_path, monkeypatch, how):
+    import distshard.reader
+    from distshard.reader import ShardReader
+
+    name, plan = _planned(tmp_path)
+    bucket = max(plan.buckets, key=lambda b: len(b.slots))  # several tensors, one run
+    assert len(bucket.slots) > 1
+    second = bucket.slots[1]
+    real = os.preadv
+
+    def short(fd, views, offset):  # the file "ends" inside the bucket's second tensor
+        stop = second.begin + 1
+        if offset >= stop:
+            return 0
+        room = stop - offset
+        views = [v[:max(0, min(len(v), room - sum(len(u) for u in views[:i])))]
+                 for i, v in enumerate(views)]
+        return real(fd, [v for v in views if len(v)], offset)
+
+    monkeypatch.setattr(distshard.reader.os, "preadv", short)
+    reader = ShardReader(str(tmp_path), plan)
+    with pytest.raises(DistShardError, match="ended early") as failed:
+        if how == "read":
+            reader.read(bucket, torch.empty(bucket.nbytes, dtype=torch.uint8))
+        else:  # a kernel without MADV_POPULATE_READ reads and drops
+            monkeypatch.setattr(distshard.reader, "_POPULATE_READ", 12345)
+            reader.populate(bucket)
+    reader.close()
+    assert failed.value.key == second.key and failed.value.file == name
