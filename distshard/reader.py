@@ -142,8 +142,9 @@ class ShardReader:
         self._fd, self._name = fd, f.name
         if f.name not in self.files_read:
             self.files_read.append(f.name)
-        if f.kind == "bin":
-            self._state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        if f.kind == "bin":  # the file checked above, even if its name was given to another since
+            opened = f"/proc/self/fd/{fd}" if os.path.isdir("/proc/self/fd") else path
+            self._state = torch.load(opened, map_location="cpu", weights_only=True, mmap=True)
 
     def _preadv(self, bucket: Bucket, views: list[torch.Tensor]) -> None:
         dest = {id(slot): view for slot, view in zip(bucket.slots, views)}

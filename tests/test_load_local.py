@@ -433,3 +433,29 @@ def test_a_file_that_ends_early_names_the_tensor_where_it_ended(tmp_path, monkey
             reader.populate(bucket)
     reader.close()
     assert failed.value.key == second.key and failed.value.file == name
+
+
+def test_a_bin_file_swapped_after_its_check_is_not_read(tmp_path, monkeypatch):
+    # A .bin file is checked (size, mtime) on the descriptor the reader opened; torch.load then
+    # reads that same file, not whatever the name points to a moment later.
+    import distshard.reader
+
+    write_bin_shards(net_state(1), str(tmp_path), files=1)
+    name = "pytorch_model-00001-of-00001.bin"
+    impostor = tmp_path / "impostor.bin"
+    torch.save(net_state(2), impostor)  # the same keys and sizes, other values
+    real = distshard.reader._open_planned
+
+    def open_then_swap(root, f):
+        fd = real(root, f)
+        st = os.stat(tmp_path / name)
+        if impostor.exists():
+            os.truncate(impostor, st.st_size)  # same size (the zip stays readable up to it)
+            os.utime(impostor, ns=(st.st_atime_ns, st.st_mtime_ns))
+            os.replace(impostor, tmp_path / name)
+        return fd
+
+    monkeypatch.setattr(distshard.reader, "_open_planned", open_then_swap)
+    model = meta_net()
+    distshard.load(model, tmp_path)
+    assert_state(model, net_state(1))
