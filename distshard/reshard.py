@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 
 from .errors import DistShardError
-from .index import Checkpoint, FileInfo, TensorInfo
+from .index import Checkpoint, FileInfo, TensorInfo, safe_path
 from .shardfiles import (
     COPY_CHUNK,
     fsync_dir,
@@ -141,7 +141,7 @@ class _Reader:
         """Append the bytes of ``key`` (described by ``t`` in file ``f``) to ``fd``."""
         if f.kind == "safetensors":
             if f.name not in self.fds:
-                src = os.open(os.path.join(self.root, f.name), os.O_RDONLY)
+                src = os.open(safe_path(self.root, f.name), os.O_RDONLY)
                 self.fds[f.name] = src
                 if os.fstat(src).st_size != f.size:
                     raise DistShardError(f"file {f.name!r} changed while it was resharded",
@@ -150,7 +150,7 @@ class _Reader:
             return
         if self.bin_name != f.name:
             self.bin_state = {}  # unmap the previous file first
-            self.bin_state = torch.load(os.path.join(self.root, f.name), map_location="cpu",
+            self.bin_state = torch.load(safe_path(self.root, f.name), map_location="cpu",
                                         weights_only=True, mmap=True)
             self.bin_name = f.name
         value = self.bin_state[key]
@@ -166,6 +166,7 @@ def _copy_side_files(ckpt: Checkpoint, out: str, token: str, placed: list[str]) 
         path = os.path.join(ckpt.root, name)
         if name.startswith(".") or name.endswith(WEIGHT_SUFFIXES) or not os.path.isfile(path):
             continue
+        path = safe_path(ckpt.root, name)  # a link out of the checkpoint is refused, not copied
         temp = os.path.join(out, temp_name(name, token))
         shutil.copyfile(path, temp)
         os.replace(temp, os.path.join(out, name))

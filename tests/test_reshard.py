@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -179,3 +180,17 @@ def test_a_failure_while_writing_leaves_the_output_empty(checkpoints, tmp_path, 
     assert main(["reshard", checkpoints["llama"], str(out), "--max-shard-size", "20KB"]) == 1
     assert "Input/output error" in capsys.readouterr().err
     assert len(calls) == 12 and os.listdir(out) == []
+
+
+def test_a_side_file_linked_out_of_the_checkpoint_is_refused_not_copied(checkpoints, tmp_path,
+                                                                        capsys):
+    source = tmp_path / "ckpt"
+    shutil.copytree(checkpoints["llama"], source)
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not part of the checkpoint")
+    os.symlink(secret, source / "tokenizer.json")
+    out = tmp_path / "out"
+    assert main(["reshard", str(source), str(out), "--max-shard-size", "20KB"]) == 1
+    err = capsys.readouterr().err
+    assert "tokenizer.json" in err and "outside the checkpoint folder" in err, err
+    assert not out.exists() or os.listdir(out) == []
