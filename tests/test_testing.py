@@ -332,14 +332,19 @@ time.sleep(3600)
 '''
 
 
-@pytest.mark.multiprocess
-def test_run_torchrun_raises_with_the_failing_ranks_traceback(tmp_path):
-    script = tmp_path / "fails.py"
-    script.write_text(FAILING_SCRIPT)
+def failed_ranks(tmp_path, text: str) -> dict[int, str]:
+    """The errors ``run_torchrun`` raises for a script of ``text`` on two ranks."""
+    script = tmp_path / "script.py"
+    script.write_text(text)
     with pytest.raises(RanksFailed) as failed:
         run_torchrun(script, 2, timeout=DEADLINE)
-    errors = failed.value.errors
-    assert 1 in errors and "exit code 1" in errors[1], str(failed.value)
+    return failed.value.errors
+
+
+@pytest.mark.multiprocess
+def test_run_torchrun_raises_with_the_failing_ranks_traceback(tmp_path):
+    errors = failed_ranks(tmp_path, FAILING_SCRIPT)
+    assert 1 in errors and "exit code 1" in errors[1], errors
     assert 'raise ValueError("rank 1 cannot go on")' in errors[1]
     assert "ValueError: rank 1 cannot go on" in errors[1] and "rank 1 started" in errors[1]
     assert "ValueError" not in errors.get(0, "")  # rank 0 only got stopped
@@ -401,10 +406,7 @@ if os.environ["RANK"] == "1":
 
 @pytest.mark.multiprocess
 def test_run_torchrun_names_a_rank_that_aborted_in_teardown(tmp_path):
-    script = tmp_path / "aborts.py"
-    script.write_text(ABORTING_SCRIPT)
-    with pytest.raises(RanksFailed) as failed:
-        run_torchrun(script, 2, timeout=DEADLINE)
-    assert sorted(failed.value.errors) == [1], str(failed.value)
-    assert "killed by SIGABRT in the interpreter's teardown" in failed.value.errors[1]
-    assert "end_job()" in failed.value.errors[1] and "rank 1 done" in failed.value.errors[1]
+    errors = failed_ranks(tmp_path, ABORTING_SCRIPT)
+    assert sorted(errors) == [1], errors
+    assert "killed by SIGABRT in the interpreter's teardown" in errors[1]
+    assert "end_job()" in errors[1] and "rank 1 done" in errors[1]
