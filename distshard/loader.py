@@ -221,8 +221,14 @@ def _plan(model, checkpoint, comm: Comm,
 def _validate(checkpoint, targets: ModelTargets, options: LoadOptions):
     ckpt = find_checkpoint(checkpoint)
     files = [describe_file(ckpt.root, name, ckpt.kind) for name in ckpt.files]
-    return ckpt.root, match_checkpoint(files, ckpt.weight_map, targets.specs(),
-                                       strict=options.strict)
+    match = match_checkpoint(files, ckpt.weight_map, targets.specs(), strict=options.strict)
+    for names in match.tied_copies:
+        logger.warning(
+            "distshard: the checkpoint holds %s as separate tensors, but the model ties them: "
+            "%r is loaded into all of them (transformers leaves such weights untied when the "
+            "copies differ; untie them in the model, or drop the extra copies, if they do)",
+            " and ".join(map(repr, names)), names[0])
+    return ckpt.root, match
 
 
 def _allocate(targets: ModelTargets, outcome: _Outcome, topology: Topology, comm: Comm,

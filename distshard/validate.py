@@ -34,6 +34,9 @@ class Match:
     loaded_keys: tuple[str, ...]
     missing_keys: tuple[str, ...]
     unexpected_keys: tuple[str, ...]
+    # names the model ties that the checkpoint holds as separate tensors (safetensors: separate
+    # bytes, which may differ); the first name of each is the one read
+    tied_copies: tuple[tuple[str, ...], ...] = ()
 
 
 def dtype_kind(dtype: torch.dtype) -> str:
@@ -60,13 +63,15 @@ def match_checkpoint(
     by_name = {f.name: f for f in files}
     where = _locate_keys(files, weight_map)
     needed: dict[str, dict] = {f.name: {} for f in files}
-    loaded, missing = [], []
+    loaded, missing, tied_copies = [], [], []
     for target in targets:
         present = [n for n in target.names if n in where]
         if not present:
             missing.extend(target.names)
             continue
         source = present[0]  # tied names share one tensor: read it once
+        if len(present) > 1 and any(by_name[where[n]].kind == "safetensors" for n in present):
+            tied_copies.append(tuple(present))
         file = where[source]
         info = by_name[file].tensors[source]
         _check_compatible(file, source, info.shape, info.dtype, target)
@@ -79,7 +84,8 @@ def match_checkpoint(
         raise DistShardError(_strict_message(missing, unexpected),
                              key=(missing or unexpected)[0])
     kept = tuple(dataclasses.replace(f, tensors=needed[f.name]) for f in files if needed[f.name])
-    return Match(kept, tuple(sorted(loaded)), tuple(missing), tuple(unexpected))
+    return Match(kept, tuple(sorted(loaded)), tuple(missing), tuple(unexpected),
+                 tuple(tied_copies))
 
 
 def _locate_keys(files: Sequence[FileInfo], weight_map: Mapping[str, str] | None) -> dict[str, str]:

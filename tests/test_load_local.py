@@ -459,3 +459,25 @@ def test_a_bin_file_swapped_after_its_check_is_not_read(tmp_path, monkeypatch):
     model = meta_net()
     distshard.load(model, tmp_path)
     assert_state(model, net_state(1))
+
+
+def test_tied_weights_stored_twice_in_safetensors_are_named_in_a_warning(tmp_path, caplog,
+                                                                          checkpoints):
+    from safetensors.torch import save_file
+
+    model = empty_model("gpt2")
+    model.tie_weights()
+    ref = reference("gpt2", checkpoints["gpt2"])
+    state = {k: v.contiguous() for k, v in ref.state_dict().items()}
+    state["lm_head.weight"] = state["transformer.wte.weight"] + 1  # a second, different copy
+    save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with caplog.at_level("WARNING", logger="distshard"):
+        distshard.load(model, tmp_path, strict=False, log_summary=False)
+    warned = [r.getMessage() for r in caplog.records if "ties them" in r.getMessage()]
+    assert len(warned) == 1 and "'lm_head.weight'" in warned[0], warned
+    assert "'transformer.wte.weight'" in warned[0]
+    caplog.clear()
+    for case in ("gpt2", "gpt2-single-bin"):  # saved once, or twice over one storage: no warning
+        with caplog.at_level("WARNING", logger="distshard"):
+            distshard.load(empty_model("gpt2"), checkpoints[case], log_summary=False)
+        assert not [r for r in caplog.records if "ties them" in r.getMessage()], case
