@@ -21,7 +21,7 @@ from .distribute import Exchange, ImageLayout
 from .errors import DistShardError
 from .index import describe_file, find_checkpoint
 from .materialize import ModelTargets
-from .plan import LoadPlan, make_plan
+from .plan import LoadPlan, make_plan, tiles, untiled
 from .progress import JobProgress, progress_wanted
 from .reader import ShardReader
 from .report import LoadReport, PeakMemorySampler
@@ -322,6 +322,10 @@ def _distribute(targets: ModelTargets, outcome: _Outcome, dests, comm: Comm,
     reader = None
     try:
         boxes = comm.all_gather_object(targets.boxes()) if targets.has_dtensors else None
+        for key in boxes[0] if boxes else ():  # the same gathered boxes, the same answer everywhere
+            shape = tuple(targets.by_name[key].tensor.shape)
+            if not tiles([b[key] for b in boxes], shape):
+                raise DistShardError("distshard: " + untiled(key, shape), key=key)
         reader = ShardReader(outcome.root, outcome.plan, on_read=progress.advance)
         exchange = Exchange(comm, outcome.plan, reader, dests, boxes,
                             read_own_slices=options.read_own_slices, image=image, layout=layout,

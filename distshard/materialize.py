@@ -36,11 +36,19 @@ class _Target:
         return isinstance(self.tensor, DTensor)
 
 
-def _box_of(t: torch.Tensor) -> Box:
-    if isinstance(t, DTensor):
-        shape, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
-        return tuple(offset), tuple(shape)
-    return (0,) * t.dim(), tuple(t.shape)
+def box_of(t: torch.Tensor, name: str) -> Box:
+    """The part of ``t`` this rank holds: a DTensor's local shard (``Shard`` and ``Replicate``
+    placements; a ``Partial`` one holds no part of the values), a plain tensor whole."""
+    if not isinstance(t, DTensor):
+        return (0,) * t.dim(), tuple(t.shape)
+    partial = [p for p in t.placements if p.is_partial()]
+    if partial:
+        raise DistShardError(
+            f"{name!r} is a DTensor with a {partial[0]} placement: its local tensor is a part of "
+            "a sum, not a part of the values; distshard loads and saves Shard and Replicate "
+            "placements", key=name)
+    shape, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+    return tuple(offset), tuple(shape)
 
 
 def _is_meta(t: torch.Tensor) -> bool:
@@ -78,7 +86,7 @@ class ModelTargets:
     def _add(table, module, attr, full_name, tensor, is_param) -> None:
         target = table.get(id(tensor))
         if target is None:
-            target = table[id(tensor)] = _Target([], tensor, is_param, _box_of(tensor))
+            target = table[id(tensor)] = _Target([], tensor, is_param, box_of(tensor, full_name))
         target.names.append(full_name)
         target.refs.append((module, attr))
 

@@ -16,13 +16,14 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
-from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from . import _faults
 from .comm import Comm, failure_of
 from .errors import DistShardError
 from .index import SAFE_INDEX, SAFE_SINGLE
 from .loader import DEFAULT_TIMEOUT
+from .materialize import box_of
+from .plan import tiles, untiled
 from .shardfiles import (
     ShardLayout,
     TensorLayout,
@@ -161,7 +162,7 @@ def _plan(model: torch.nn.Module, directory: str, limit: int,
         text = "\n".join(f"{k}:{t.dtype}:{list(t.shape)}:{isinstance(t, DTensor)}"
                          for k, t in tensors.items())
         signature = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1
-        boxes = {k: _box(t) for k, t in tensors.items() if isinstance(t, DTensor)}
+        boxes = {k: box_of(t, k) for k, t in tensors.items() if isinstance(t, DTensor)}
     except Exception as e:
         failure = failure_of(e, comm.rank, "validate")
     rows = comm.agree(failure, [signature, int(bool(boxes))])
@@ -227,11 +228,6 @@ def _matches(pattern: str, name: str) -> bool:
         return pattern == name
 
 
-def _box(t: DTensor) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    shape, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
-    return tuple(offset), tuple(shape)
-
-
 def _make_plan(tensors: dict[str, torch.Tensor], all_boxes: list[dict] | None, limit: int,
                world_size: int) -> SavePlan:
     layouts = plan_shards(((k, t.dtype, tuple(t.shape)) for k, t in tensors.items()), limit)
@@ -255,11 +251,8 @@ def _pieces(key: str, shape: tuple[int, ...], boxes: list, writer: int) -> tuple
             holders[box] = []
         if box in holders:
             holders[box].append(rank)
-    inside = all(o + n <= s for (off, shp) in holders for o, n, s in zip(off, shp, shape))
-    if not inside or sum(nbytes_of(torch.uint8, b[1]) for b in holders) != nbytes_of(torch.uint8, shape):
-        raise DistShardError(
-            f"the local shards of DTensor key {key!r} do not tile its shape {list(shape)}: "
-            "distshard saves Shard and Replicate placements over the ranks of group", key=key)
+    if not tiles(list(holders), shape):
+        raise DistShardError(untiled(key, shape), key=key)
     return tuple(Piece(off, shp, writer if writer in ranks else ranks[0])
                  for (off, shp), ranks in holders.items())
 

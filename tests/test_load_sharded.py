@@ -6,8 +6,11 @@ give the reference, and a forward pass the reference output.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+import torch.distributed as dist
 from checkpoints import CASES, empty_model, reference, sample_input
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
@@ -138,3 +141,52 @@ def _fsdp_tp(rank: int, world_size: int, path: str) -> int:
 
 def test_fsdp_by_tp_on_a_two_by_two_mesh(checkpoints):
     assert all(n > 14 for n in run_ranks(_fsdp_tp, 4, checkpoints["llama"], timeout=DEADLINE))
+
+
+def _refused_placements(rank: int, world_size: int, root: str) -> dict:
+    from safetensors.torch import save_file
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Partial
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    mesh = init_device_mesh("cpu", (world_size,))
+    full = torch.arange(8 * 3, dtype=torch.float32).reshape(8, 3)
+    ckpt = os.path.join(root, "ckpt")
+    if rank == 0:
+        save_file({"weight": full}, os.path.join(ckpt, "model.safetensors"))
+    dist.barrier()
+    out = {}
+    placements = {"strided": [_StridedShard(0, split_factor=2)], "partial": [Partial()]}
+    for name, placement in placements.items():
+        for action in ("load", "save"):
+            local = full.chunk(world_size)[rank] if name == "strided" else full / world_size
+            weight = DTensor.from_local(local, mesh, placement, run_check=False,
+                                        shape=full.shape, stride=full.stride())
+            model = torch.nn.Linear(3, 8, bias=False, device="meta")
+            model.weight = torch.nn.Parameter(weight.to("meta") if action == "load" else weight)
+            try:
+                if action == "load":
+                    distshard.load(model, ckpt, log_summary=False)
+                else:
+                    distshard.save(model, os.path.join(root, f"{name}-saved"))
+                out[name, action] = None
+            except distshard.DistShardError as e:
+                out[name, action] = (str(e), e.key, model.weight.is_meta)
+            dist.barrier()
+    return out
+
+
+@pytest.mark.multiprocess
+def test_placements_without_a_box_per_rank_are_refused_not_garbled(tmp_path):
+    # A 1-D _StridedShard interleaves rows (no box describes a rank's part) and a Partial
+    # placement holds parts of a sum: loading or saving either used to give wrong values.
+    os.makedirs(tmp_path / "ckpt")
+    results = run_ranks(_refused_placements, 2, str(tmp_path), timeout=DEADLINE)
+    for r in results:
+        for (name, action), outcome in r.items():
+            assert outcome is not None, f"{name} {action} was not refused"
+            message, key, meta = outcome
+            assert key == "weight" and "Replicate" in message, (name, action, message)
+            assert action == "save" or meta, f"{name}: the failed load changed the model"
+    assert not any((tmp_path / f"{n}-saved" / "model.safetensors").exists()
+                   for n in ("strided", "partial"))
