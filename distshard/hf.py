@@ -166,7 +166,7 @@ def _resolve_dtype(dtype, config, checkpoint) -> torch.dtype:
         if dtype is None:
             dtype = _checkpoint_dtype(checkpoint)
     if isinstance(dtype, str):
-        value = getattr(torch, dtype, None)
+        value = getattr(torch, dtype.removeprefix("torch."), None)
         if not isinstance(value, torch.dtype):
             raise ValueError(f"dtype={dtype!r} is not the name of a torch.dtype")
         dtype = value
@@ -175,13 +175,20 @@ def _resolve_dtype(dtype, config, checkpoint) -> torch.dtype:
     return dtype
 
 
-def _checkpoint_dtype(checkpoint) -> torch.dtype:
-    """The dtype of the first floating tensor of the checkpoint's first file (its header only);
-    the default dtype when it holds none."""
+def _checkpoint_dtype(checkpoint) -> torch.dtype | str:
+    """As transformers reads a checkpoint's dtype: the index's ``metadata.dtype`` where there is
+    one; else, in the first file (names sorted for safetensors, as ``safe_open`` lists them; in
+    pickle order for ``.bin``), the first floating tensor's dtype that is not float8 or float4,
+    or the first tensor's; float32 for an empty file. Headers only."""
     ckpt = find_checkpoint(checkpoint)
-    info = describe_file(ckpt.root, ckpt.files[0], ckpt.kind)
-    return next((t.dtype for t in info.tensors.values() if t.dtype.is_floating_point),
-                torch.get_default_dtype())
+    if ckpt.metadata and isinstance(ckpt.metadata.get("dtype"), str):
+        return ckpt.metadata["dtype"]
+    tensors = describe_file(ckpt.root, ckpt.files[0], ckpt.kind).tensors
+    infos = [tensors[k] for k in sorted(tensors)] if ckpt.kind == "safetensors" else list(
+        tensors.values())
+    return next((t.dtype for t in infos if t.dtype.is_floating_point
+                 and "float8_" not in str(t.dtype) and "float4_" not in str(t.dtype)),
+                infos[0].dtype if infos else torch.float32)
 
 
 def _keep_in_fp32(model: torch.nn.Module, dtype: torch.dtype) -> None:

@@ -94,6 +94,7 @@ class Checkpoint:
     kind: str  # "safetensors" | "bin"
     files: tuple[str, ...]
     weight_map: dict[str, str] | None
+    metadata: dict | None = None  # the index's "metadata" (total_size, sometimes dtype)
 
 
 def find_checkpoint(path: str | os.PathLike) -> Checkpoint:
@@ -120,14 +121,14 @@ def _from_file(p: Path, kind: str) -> Checkpoint:
     root = str(p.parent.absolute())
     if not p.name.endswith(".index.json"):
         return Checkpoint(root=root, kind=kind, files=(p.name,), weight_map=None)
-    weight_map = _read_weight_map(p)
+    weight_map, metadata = _read_index(p)
     for key, name in weight_map.items():
         safe_path(root, name, key=key)  # refuse bad paths before touching any file
     return Checkpoint(root=root, kind=kind, files=tuple(sorted(set(weight_map.values()))),
-                      weight_map=weight_map)
+                      weight_map=weight_map, metadata=metadata)
 
 
-def _read_weight_map(p: Path) -> dict[str, str]:
+def _read_index(p: Path) -> tuple[dict[str, str], dict | None]:
     if p.stat().st_size > MAX_INDEX_BYTES:
         raise DistShardError(f"index {p.name!r} is larger than {MAX_INDEX_BYTES} bytes", file=p.name)
     try:
@@ -143,7 +144,8 @@ def _read_weight_map(p: Path) -> dict[str, str]:
             raise DistShardError(
                 f"index {p.name!r} maps key {key!r} to {name!r}, not a file name",
                 file=p.name, key=key)
-    return weight_map
+    metadata = index.get("metadata")
+    return weight_map, metadata if isinstance(metadata, dict) else None
 
 
 def safe_path(root: str, name: str, *, key: str | None = None) -> str:

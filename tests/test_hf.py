@@ -196,6 +196,56 @@ def test_dtype_from_weights_when_config_has_none(cases, tmp_path):
     assert_same(model, ref, "no dtype in config")
 
 
+def _drop_config_dtype(path: str) -> None:
+    import json
+
+    config_file = os.path.join(path, "config.json")
+    with open(config_file) as f:
+        config = json.load(f)
+    config.pop("dtype", None)
+    config.pop("torch_dtype", None)
+    with open(config_file, "w") as f:
+        json.dump(config, f)
+
+
+@pytest.mark.parametrize("where", ["weights", "index"])
+def test_dtype_auto_reads_the_checkpoint_as_transformers_does(tmp_path, where):
+    """No dtype in config.json: transformers takes the index's metadata dtype, else the first
+    floating tensor in name order (safe_open's), not in the file's data order."""
+    import json
+
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(num_hidden_layers=1, hidden_size=32, intermediate_size=64,
+                         num_attention_heads=2, num_key_value_heads=2, vocab_size=64)
+    state = {k: v.to(torch.bfloat16) for k, v in LlamaForCausalLM(config).state_dict().items()}
+    # first in the data (the writer sorts by dtype size), last by name: a float32 tensor
+    state["model.norm.weight"] = state["model.norm.weight"].float() + 0.123456789
+    path = str(tmp_path / where)
+    os.makedirs(path)
+    if where == "weights":
+        save_file(state, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    else:  # sharded, the index naming the dtype; the first file alone would say bfloat16
+        names = sorted(state)
+        half = {k: state[k] for k in names[:len(names) // 2]}
+        rest = {k: state[k] for k in names[len(names) // 2:]}
+        files = {"model-00001-of-00002.safetensors": half, "model-00002-of-00002.safetensors": rest}
+        for name, part in files.items():
+            save_file(part, os.path.join(path, name), metadata={"format": "pt"})
+        weight_map = {k: name for name, part in files.items() for k in part}
+        with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"dtype": "float16"}, "weight_map": weight_map}, f)
+    config.save_pretrained(path)
+    _drop_config_dtype(path)
+    model = from_pretrained(AutoModelForCausalLM, path)
+    ref = AutoModelForCausalLM.from_pretrained(path)
+    assert model.dtype == ref.dtype == {"weights": torch.bfloat16, "index": torch.float16}[where]
+    got, want = model.state_dict(), ref.state_dict()
+    assert all(got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]) for k in want)
+
+
 def test_missing_config_is_a_clear_error(cases, tmp_path):
     from transformers import AutoModelForCausalLM
 
