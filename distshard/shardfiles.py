@@ -45,29 +45,28 @@ TEMP_SUFFIX = ".tmp"
 
 
 def parse_size(size: int | str) -> int:
-    """Bytes in ``size``, read as transformers reads ``max_shard_size``: decimal ``KB``/``MB``/
-    ``GB``, binary ``KiB``/``MiB``/``GiB``, a lower-case ``b`` for bits.
+    """Bytes in ``size``, read as transformers' ``save_pretrained`` reads ``max_shard_size``
+    (huggingface_hub's rule): a number, whole or not, then ``KB``, ``MB``, ``GB`` or ``TB`` in
+    any case, decimal. Also, beyond that rule: binary ``KiB``/``MiB``/``GiB``/``TiB``.
 
-    >>> parse_size("200MB"), parse_size("40KB"), parse_size("1MiB"), parse_size(7)
-    (200000000, 40000, 1048576, 7)
+    >>> parse_size("200MB"), parse_size("40kb"), parse_size("1.5GB"), parse_size("1MiB")
+    (200000000, 40000, 1500000000, 1048576)
     """
     if isinstance(size, bool) or not isinstance(size, (int, str)):
         raise ValueError(f"max_shard_size must be bytes or a string such as '5GB', got {size!r}")
     value = size
     if isinstance(size, str):
         text = size.strip()
-        units = (("GIB", 2**30), ("MIB", 2**20), ("KIB", 2**10), ("GB", 10**9), ("MB", 10**6),
-                 ("KB", 10**3))
-        unit = next(((u, f) for u, f in units if text.upper().endswith(u)), None)
+        units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+                 "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+        unit = text[-3:].upper() if text[-3:].upper() in units else text[-2:].upper()
         try:
-            if unit is None:
+            if unit not in units:
                 raise ValueError
-            value = int(text[:-len(unit[0])]) * unit[1]
-        except ValueError:
-            raise ValueError(f"max_shard_size {size!r} is not a whole number followed by KB, MB, GB, "
-                             "KiB, MiB or GiB (e.g. '5GB')") from None
-        if text.endswith("b") and not text.upper().endswith("IB"):
-            value //= 8
+            value = int(float(text[:-len(unit)].strip()) * units[unit])
+        except (ValueError, OverflowError):
+            raise ValueError(f"max_shard_size {size!r} is not a number followed by KB, MB, GB, "
+                             "TB, KiB, MiB, GiB or TiB (e.g. '5GB')") from None
     if value < 1:
         raise ValueError(f"max_shard_size must be at least one byte, got {size!r}")
     return value

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 from checkpoints import _configs, empty_model
 from huggingface_hub import split_torch_state_dict_into_shards
+from huggingface_hub.serialization._base import parse_size_to_int
 from safetensors import safe_open
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
@@ -26,7 +27,6 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
-from transformers.utils.hub import convert_file_size_to_int
 
 import distshard
 from distshard import DistShardError
@@ -349,14 +349,28 @@ def test_meta_tensors_and_bad_sizes_are_refused(tmp_path):
     with pytest.raises(DistShardError, match="on the meta device.*first.weight"):
         save(model, tmp_path / "meta")
     assert not os.path.exists(tmp_path / "meta" / "model.safetensors")
-    for bad in ("5 apples", "1.5GB", 0, -3, True):
+    for bad in ("5 apples", "1.5G", 0, -3, True):
         with pytest.raises(ValueError, match="max_shard_size"):
             save(Plain(), tmp_path / "bad", max_shard_size=bad)
 
 
-@pytest.mark.parametrize("size", ["5GB", "200MB", "40KB", "1MiB", "3GiB", "10KiB", "8Mb", 12345])
+@pytest.mark.parametrize("size", ["5GB", "200MB", "40KB", "40Kb", "8mb", "20.5KB", "1TB",
+                                  " 3 GB "])
 def test_sizes_mean_what_they_mean_in_transformers(size):
-    assert parse_size(size) == convert_file_size_to_int(size)
+    # transformers 5's save_pretrained reads max_shard_size with huggingface_hub's rule
+    assert parse_size(size) == parse_size_to_int(size)
+
+
+@pytest.mark.parametrize("size,value", [("1MiB", 2**20), ("3GiB", 3 * 2**30), ("10kib", 10240),
+                                        (12345, 12345)])
+def test_binary_units_and_bytes_too(size, value):
+    assert parse_size(size) == value
+
+
+@pytest.mark.parametrize("size", ["5G", "MB", "-1MB", "0KB", "1e400GB", "five MB", 0, True, 1.5])
+def test_sizes_that_mean_nothing_are_refused(size):
+    with pytest.raises(ValueError):
+        parse_size(size)
 
 
 @pytest.mark.parametrize("sizes,limit", [([6, 6, 2, 6, 2, 2, 20], 40), ([30, 1, 1, 50, 3], 24),
