@@ -61,9 +61,6 @@ def _inspect(args) -> dict:
 
 
 def _plan(args) -> dict:
-    if args.world_size < 1 or args.nodes < 1 or args.world_size % args.nodes:
-        raise SystemExit(f"distshard plan: --world-size ({args.world_size}) must be a positive "
-                         f"multiple of --nodes ({args.nodes})")
     ckpt, files = _describe(args.checkpoint)
     per_node_ranks = args.world_size // args.nodes
     groups = [range(n * per_node_ranks, (n + 1) * per_node_ranks) for n in range(args.nodes)]
@@ -167,6 +164,16 @@ def _print_reshard(d: dict) -> None:
     print("copied      " + (", ".join(d["copied"]) or "nothing else"))
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not positive")
+    return value
+
+
 def _shard_size(text: str) -> str:
     try:
         parse_size(int(text) if text.isdigit() else text)
@@ -189,9 +196,9 @@ def _parser() -> argparse.ArgumentParser:
         c.add_argument("checkpoint", help="checkpoint folder or file")
         c.add_argument("--json", action="store_true", help="print one JSON object")
         if name == "plan":
-            c.add_argument("--world-size", type=int, required=True)
-            c.add_argument("--nodes", type=int, default=1)
-            c.add_argument("--bucket-size", type=int, default=DEFAULT_BUCKET_SIZE,
+            c.add_argument("--world-size", type=_positive, required=True)
+            c.add_argument("--nodes", type=_positive, default=1)
+            c.add_argument("--bucket-size", type=_positive, default=DEFAULT_BUCKET_SIZE,
                            help="bytes (default %(default)s)")
             c.add_argument("--locality", choices=["cluster", "node"], default="cluster",
                            help="read each byte once per job, or once per node")
@@ -208,7 +215,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command == "plan" and args.world_size % args.nodes:
+        parser.error(f"--world-size ({args.world_size}) must be a multiple of --nodes "
+                     f"({args.nodes})")
     run = {"inspect": _inspect, "plan": _plan, "verify": _verify,
            "reshard": _reshard}[args.command]
     try:

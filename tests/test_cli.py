@@ -97,9 +97,16 @@ def test_plan_with_node_locality_reads_the_checkpoint_once_per_node(checkpoints,
         assert max(reads) <= d["total_bytes"] / 2 + d["bucket_bytes"]
 
 
-def test_plan_refuses_ranks_that_do_not_divide_into_nodes(checkpoints):
-    with pytest.raises(SystemExit, match="multiple of --nodes"):
-        main(["plan", checkpoints["llama"], "--world-size", "3", "--nodes", "2"])
+@pytest.mark.parametrize("args,why", [
+    (["--world-size", "3", "--nodes", "2"], "must be a multiple of --nodes"),
+    (["--world-size", "0"], "--world-size: 0 is not positive"),
+    (["--world-size", "2", "--bucket-size", "0"], "--bucket-size: 0 is not positive"),
+    (["--world-size", "2", "--nodes", "x"], "--nodes: 'x' is not a whole number"),
+])
+def test_plan_refuses_bad_usage_with_status_2(checkpoints, capsys, args, why):
+    with pytest.raises(SystemExit) as exited:  # argparse's status for bad usage, as documented
+        main(["plan", checkpoints["llama"], *args, "--json"])
+    assert exited.value.code == 2 and why in capsys.readouterr().err
 
 
 def test_verify_hashes_every_file(checkpoints, capsys):
