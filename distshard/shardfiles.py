@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -32,6 +33,7 @@ __all__ = [
     "plan_shards",
     "remove_if_present",
     "remove_temporaries",
+    "stage_index",
     "temp_name",
     "tensor_bytes",
     "write_all",
@@ -192,8 +194,12 @@ def remove_temporaries(directory: str, token: str) -> None:
         return
     for name in names:
         if name.startswith(".") and name.endswith(f".{token}{TEMP_SUFFIX}"):
+            path = os.path.join(directory, name)
+            if os.path.isdir(path) and not os.path.islink(path):  # a staged config folder
+                shutil.rmtree(path, ignore_errors=True)
+                continue
             try:
-                os.unlink(os.path.join(directory, name))
+                os.unlink(path)
             except FileNotFoundError:
                 pass
 
@@ -238,9 +244,9 @@ def fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
-def write_index(directory: str, layouts: Sequence[ShardLayout], token: str) -> str | None:
-    """Write ``model.safetensors.index.json`` (``metadata.total_size``, ``weight_map``) through a
-    temporary file, when there is more than one file; return its name."""
+def stage_index(directory: str, layouts: Sequence[ShardLayout], token: str) -> str | None:
+    """Write ``model.safetensors.index.json`` (``metadata.total_size``, ``weight_map``) under its
+    temporary name, when there is more than one file; return that path."""
     if len(layouts) < 2:
         return None
     weight_map = {t.key: s.name for s in layouts for t in sorted(s.tensors, key=lambda t: t.key)}
@@ -251,6 +257,14 @@ def write_index(directory: str, layouts: Sequence[ShardLayout], token: str) -> s
         f.write("\n")
         f.flush()
         os.fsync(f.fileno())
+    return path
+
+
+def write_index(directory: str, layouts: Sequence[ShardLayout], token: str) -> str | None:
+    """:func:`stage_index`, then renamed into place; return its name."""
+    path = stage_index(directory, layouts, token)
+    if path is None:
+        return None
     os.replace(path, os.path.join(directory, SAFE_INDEX))
     fsync_dir(directory)
     return SAFE_INDEX

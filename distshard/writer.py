@@ -35,10 +35,11 @@ from .shardfiles import (
     plan_shards,
     remove_if_present,
     remove_temporaries,
+    stage_index,
+    temp_name,
     tensor_bytes,
     write_all,
     write_file,
-    write_index,
 )
 
 __all__ = ["SaveReport", "save"]
@@ -108,8 +109,9 @@ def save(
     transformers keeps. A transformers model's config is written beside the weights.
 
     Files appear only whole (temporary name, fsync, rename), and the index last, after every
-    rank agreed. Any failure raises the same :class:`DistShardError` on every rank and leaves
-    no index and no temporary file of this save.
+    rank agreed. Any failure raises the same :class:`DistShardError` on every rank and leaves no
+    temporary file of this save; one before the renames (writing, checking, staging the config
+    and the index) leaves an earlier checkpoint in ``directory`` as it was.
     """
     limit = parse_size(max_shard_size)
     if isinstance(timeout, (int, float)):
@@ -318,45 +320,67 @@ def _assemble(value: DTensor, pieces: tuple[Piece, ...], received: dict, key: st
 
 def _commit(model: torch.nn.Module, plan: SavePlan, directory: str,
             written: list[tuple[str, str]], comm: Comm) -> None:
-    """Rank 0 removes an old index (so none names a mix of files), every writer renames its
-    files into place, then rank 0 checks it sees them all, writes the config and the index, and
-    removes shards of an older save that the new one does not have. Each step is agreed."""
-    failure = None
-    try:
+    """What can fail is done before anything of an older save is touched: rank 0 checks that it
+    sees every rank's finished file (storage every rank shares) and writes the config and the
+    index under temporary names, and only then removes an old index (so none names a mix of
+    files). Then renames only: every writer renames its files into place; rank 0 renames the
+    config and the index (last), and removes shards of an older save that the new one does not
+    have. Each step is agreed."""
+    staged: list[tuple[str, str]] = []
+
+    def stage() -> None:
         if comm.rank == 0:
+            staged.extend(_stage(model, plan, directory))
             remove_if_present(os.path.join(directory, SAFE_INDEX))
-    except Exception as e:
-        failure = failure_of(e, comm.rank, "commit")
-    comm.agree(failure, [])
-    try:
+
+    def place_own() -> None:
         for name, temp in written:
             os.replace(temp, os.path.join(directory, name))
         if written:
             fsync_dir(directory)
-    except Exception as e:
-        failure = failure_of(e, comm.rank, "commit")
-    comm.agree(failure, [])
-    try:
+
+    def place_rest() -> None:
         if comm.rank == 0:
-            _finish(model, plan, directory)
-    except Exception as e:
-        failure = failure_of(e, comm.rank, "commit")
-    comm.agree(failure, [])
+            _place(staged, plan, directory)
+
+    for step in (stage, place_own, place_rest):
+        failure = None
+        try:
+            step()
+        except Exception as e:
+            failure = failure_of(e, comm.rank, "commit")
+        comm.agree(failure, [])
 
 
-def _finish(model: torch.nn.Module, plan: SavePlan, directory: str) -> None:
+def _stage(model: torch.nn.Module, plan: SavePlan, directory: str) -> list[tuple[str, str]]:
+    """Check every file of the save under its temporary name; write the config files and the
+    index under theirs. Returns (name, temporary path) of each, the index last."""
     for layout, writer in zip(plan.layouts, plan.writers):
-        path = os.path.join(directory, layout.name)
+        path = os.path.join(directory, temp_name(layout.name, plan.token))
         size = os.stat(path).st_size if os.path.exists(path) else None
         if size != layout.size:
             raise DistShardError(
                 f"file {layout.name!r} written by rank {writer} is {size} bytes on rank 0, "
                 f"expected {layout.size}: {directory!r} must be storage every rank shares",
                 file=layout.name)
+    folder = os.path.join(directory, temp_name("config", plan.token))  # removed with the rest
     for config in (getattr(model, "config", None), getattr(model, "generation_config", None)):
         if callable(getattr(config, "save_pretrained", None)):
-            config.save_pretrained(directory)
-    write_index(directory, plan.layouts, plan.token)
+            os.makedirs(folder, exist_ok=True)
+            config.save_pretrained(folder)
+    staged = [(name, os.path.join(folder, name))
+              for name in (sorted(os.listdir(folder)) if os.path.isdir(folder) else [])]
+    index = stage_index(directory, plan.layouts, plan.token)
+    return staged + ([(SAFE_INDEX, index)] if index else [])
+
+
+def _place(staged: list[tuple[str, str]], plan: SavePlan, directory: str) -> None:
+    for name, temp in staged:
+        os.replace(temp, os.path.join(directory, name))
+    fsync_dir(directory)
+    folder = os.path.join(directory, temp_name("config", plan.token))
+    if os.path.isdir(folder):
+        os.rmdir(folder)
     names = {s.name for s in plan.layouts}
     for name in os.listdir(directory):
         if name not in names and (name == SAFE_SINGLE or re.fullmatch(

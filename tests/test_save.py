@@ -383,3 +383,25 @@ def test_shard_plan_is_the_one_transformers_makes(sizes, limit):
     got = {s.name: sorted(t.key for t in s.tensors) for s in shards}
     assert got == {name: sorted(keys) for name, keys in want.filename_to_tensors.items()} or (
         not state and got == {"model.safetensors": []})
+
+
+def test_a_save_failing_while_staging_its_config_leaves_the_earlier_checkpoint(tmp_path):
+    class FullDisk:  # a config whose file cannot be written
+        def save_pretrained(self, folder):
+            raise OSError(28, "No space left on device")
+
+    torch.manual_seed(0)
+    earlier = Plain()
+    save(earlier, tmp_path, max_shard_size=200)
+    before = {n: (tmp_path / n).read_bytes() for n in sorted(os.listdir(tmp_path))}
+    assert "model.safetensors.index.json" in before
+    later = Plain()
+    later.config = FullDisk()
+    with pytest.raises(DistShardError, match="No space left"):
+        save(later, tmp_path, max_shard_size=200)
+    after = {n: (tmp_path / n).read_bytes() for n in sorted(os.listdir(tmp_path))}
+    assert after == before  # the earlier save, whole: nothing renamed, nothing left behind
+    model = Plain()
+    distshard.load(model, tmp_path)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
+                                                 earlier.state_dict().values()))
