@@ -10,13 +10,12 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import sys
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 from .errors import DistShardError
-from .index import FileInfo, describe_file, find_checkpoint
+from .index import FileInfo, describe_file, find_checkpoint, safe_path
 from .loader import DEFAULT_BUCKET_SIZE
 from .plan import make_plan
 from .reshard import reshard
@@ -86,13 +85,16 @@ def _plan(args) -> dict:
                      staging_per_rank=2 * plan.bucket_size))
 
 
-def _sha256(path: str) -> str:
+def _sha256(root: str, name: str) -> str:
     h = hashlib.sha256()
-    with open(path, "rb", buffering=0) as f:
-        buf = bytearray(8 << 20)
-        view = memoryview(buf)
-        while n := f.readinto(buf):
-            h.update(view[:n])  # hashlib releases the GIL on large updates: threads run in parallel
+    try:
+        with open(safe_path(root, name), "rb", buffering=0) as f:
+            buf = bytearray(8 << 20)
+            view = memoryview(buf)
+            while n := f.readinto(buf):
+                h.update(view[:n])  # hashlib releases the GIL on large updates: threads overlap
+    except OSError as e:  # removed or unreadable since it was described
+        raise DistShardError(f"cannot hash {name!r}: {e}", file=name) from e
     return h.hexdigest()
 
 
@@ -100,9 +102,10 @@ def _verify(args) -> dict:
     ckpt, files = _describe(args.checkpoint)
     out = _summary(ckpt, files)
     if args.hash:
-        paths = [os.path.join(ckpt.root, f.name) for f in files]
-        with ThreadPoolExecutor(max_workers=min(8, len(paths) or 1)) as pool:
-            for entry, digest in zip(out["files"], pool.map(_sha256, paths)):
+        names = [f.name for f in files]
+        with ThreadPoolExecutor(max_workers=min(8, len(names) or 1)) as pool:
+            digests = pool.map(lambda name: _sha256(ckpt.root, name), names)
+            for entry, digest in zip(out["files"], digests):
                 entry["sha256"] = digest
     return out
 

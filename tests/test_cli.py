@@ -118,6 +118,19 @@ def test_verify_hashes_every_file(checkpoints, capsys):
             assert f["sha256"] == hashlib.sha256(fh.read()).hexdigest()
 
 
+def test_verify_hash_of_a_file_that_cannot_be_read_exits_1_naming_it(checkpoints, capsys,
+                                                                      monkeypatch):
+    import distshard.cli
+
+    def unreadable(path, *args, **kwargs):  # removed or unreadable since it was described
+        raise PermissionError(13, "Permission denied", path)
+
+    monkeypatch.setattr(distshard.cli, "open", unreadable, raising=False)
+    code, d = run_json(capsys, "verify", "--hash", checkpoints["llama"])
+    assert code == 1 and not d["valid"] and "cannot hash" in d["error"], d
+    assert d["file"].startswith("model-") and "Permission denied" in d["error"], d
+
+
 def test_console_script_and_module_entry_points(checkpoints):
     commands = [[sys.executable, "-m", "distshard"]]
     script = shutil.which("distshard", path=os.path.dirname(sys.executable))
