@@ -177,19 +177,11 @@ def test_one_process_without_process_group(cases):
 
 def test_dtype_from_weights_when_config_has_none(cases, tmp_path):
     """transformers' "auto": no dtype in config.json -> the checkpoint's floating dtype."""
-    import json
-
     from transformers import AutoModelForCausalLM
 
     path = str(tmp_path / "no-dtype")
     shutil.copytree(cases["llama-bf16"], path)
-    config_file = os.path.join(path, "config.json")
-    with open(config_file) as f:
-        config = json.load(f)
-    config.pop("dtype", None)
-    config.pop("torch_dtype", None)
-    with open(config_file, "w") as f:
-        json.dump(config, f)
+    _drop_config_dtype(path)
     model = from_pretrained(AutoModelForCausalLM, path)
     ref = AutoModelForCausalLM.from_pretrained(path)
     assert model.dtype == ref.dtype == torch.bfloat16
