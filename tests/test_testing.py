@@ -93,6 +93,9 @@ def test_decorated_test_runs_on_every_rank_with_its_fixtures(rank, world_size, t
 @distributed(world_size=3, timeout=HANG_DEADLINE)
 def _two_raise_one_hangs(rank, world_size, pid_dir):
     Path(pid_dir, str(rank)).write_text(str(os.getpid()))
+    # Every rank connected first: a rank that exits while a peer is still inside gloo's
+    # init_process_group fails that peer there, before it could raise its own error.
+    dist.barrier()
     if rank == 0:
         raise KeyError("rank 0 lost its key")
     if rank == 1:
