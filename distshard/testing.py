@@ -191,6 +191,10 @@ def _rank_main(rank, fn, world_size, args, rdzv_file, results, backend, timeout,
     try:
         dist.init_process_group(backend, init_method=f"file://{rdzv_file}", rank=rank,
                                 world_size=world_size, timeout=timedelta(seconds=timeout))
+        # Every rank connected before any runs: a rank that fails at once and exits while a
+        # peer is still inside gloo's init_process_group would fail that peer there, and the
+        # peer's own error would be lost.
+        dist.barrier()
         value = fn(rank, world_size, *args)
         results.put((rank, True, value))
     except BaseException as e:
