@@ -27,6 +27,7 @@ import torch
 from . import _faults
 from .comm import Comm, failure_of
 from .errors import DistShardError, RankFailure
+from .keymap import contiguous_start
 from .plan import Box, Bucket, LoadPlan, Piece, Slot, align, payload_layout
 from .reader import ShardReader, map_files
 from .shm import NodeImage
@@ -211,12 +212,12 @@ class Exchange:
 
     def _read_into_image(self, reader: ShardReader, bucket: Bucket,
                          as_read: dict[int, torch.Tensor], j: int, keep: bool) -> None:
-        """Read ``bucket`` into the image; keep it as read in ``as_read[j]`` too if ``keep``."""
+        """Read ``bucket`` into the image; keep it as read in ``as_read[j]`` too if ``keep``.
+        Straight into the image where every slot keeps its dtype and is contiguous there."""
         layout, data = self.layout, self.image.data
-        views = [layout.slot_bytes(data, s) for s in bucket.slots]
-        if all(s.dtype == layout.dtype[s.key] for s in bucket.slots):
-            reader.read_slots(bucket, views)
-            return
+        if all(s.dtype == layout.dtype[s.key] for s in bucket.slots) and layout.run(bucket):
+            reader.read_slots(bucket, [layout.slot_bytes(data, s) for s in bucket.slots])
+            return  # (such a bucket never crosses as read: keep is False)
         staged = torch.empty(bucket.nbytes, dtype=torch.uint8)  # one bucket per thread
         reader.read(bucket, staged)
         self._convert_into_image(bucket, staged)
@@ -226,16 +227,17 @@ class Exchange:
     def _convert_into_image(self, bucket: Bucket, staged: torch.Tensor) -> None:
         for s in bucket.slots:
             src = staged[s.offset:s.offset + s.nbytes].view(s.dtype).view(s.shape)
-            self.layout.slot_bytes(self.image.data, s).view(self.layout.dtype[s.key]).view(
-                s.shape).copy_(src)
+            self.layout.slot_view(self.image.data, s).copy_(src)
 
     def _crosses_as_read(self, bucket: Bucket) -> bool:
-        """Whether the bucket is smaller as read than converted (its dtypes widen): it then
-        crosses nodes as read, and each receiving node converts it. The same on every rank."""
-        first, last = bucket.slots[0], bucket.slots[-1]
-        converted = self.layout.slot_end(last) - self.layout.slot_begin(first)
+        """Whether the bucket crosses nodes as read, each receiving node putting it in its
+        image: where it is not one run of the image (boxes of fused tensors), or is smaller as
+        read than converted (its dtypes widen). The same on every rank."""
+        run = self.layout.run(bucket)
+        if run is None:
+            return True
         return (any(s.dtype != self.layout.dtype[s.key] for s in bucket.slots)
-                and bucket.nbytes < converted)
+                and bucket.nbytes < run[1] - run[0])
 
     def _cross_nodes(self, j: int, bucket: Bucket, as_read: torch.Tensor | None) -> None:
         """The bucket's reader sends it to one rank of every other node (a different local rank
@@ -374,10 +376,11 @@ class Exchange:
         """Whether every rank can read its own pieces straight from the file: a safetensors
         bucket cut into whole rows, each byte wanted by exactly one rank. Then nothing crosses
         the network and storage still serves each byte once."""
-        if not self.read_own_slices or self.plan.file(bucket.file).kind != "safetensors":
+        if (not self.read_own_slices or bucket.conversion is not None
+                or self.plan.file(bucket.file).kind != "safetensors"):
             return False
         pieces = [p for ps, _ in layouts for p in ps]
-        return (all(p.box[1][1:] == p.slot.shape[1:] for p in pieces)
+        return (all(_start_in_slot(p) is not None for p in pieces)
                 and sum(p.nbytes for p in pieces) == sum(s.nbytes for s in bucket.slots))
 
     def _read_own_pieces(self, batch: list[tuple[str, tuple[Piece, ...]]]) -> None:
@@ -423,8 +426,7 @@ class Exchange:
             if p.nbytes == 0:
                 continue
             slot = p.slot
-            row_bytes = slot.nbytes // slot.shape[0] if slot.shape else 0
-            begin = slot.begin + (p.box[0][0] - slot.row) * row_bytes if slot.shape else slot.begin
+            begin = slot.begin + _start_in_slot(p) * slot.dtype.itemsize
             origin = mine[slot.key][0] if slot.key in mine else None
             dest = self.dests[slot.key][_region(p.box, origin)]
             if dest.dtype == slot.dtype and dest.device.type == "cpu" and dest.is_contiguous():
@@ -537,7 +539,7 @@ def _convert(bucket: Bucket, raw: torch.Tensor, wire: Bucket, buf: torch.Tensor)
 
 def _file_order(bucket: Bucket) -> tuple:
     first = bucket.slots[0]
-    return bucket.file, first.begin or 0, first.key, first.row
+    return bucket.file, first.begin or 0, first.key, first.first
 
 
 def _single_contiguous(pieces: tuple[Piece, ...], full: torch.Tensor) -> torch.Tensor | None:
@@ -547,6 +549,15 @@ def _single_contiguous(pieces: tuple[Piece, ...], full: torch.Tensor) -> torch.T
     slot, box = pieces[0].slot, pieces[0].box
     held = full[slot.offset:slot.offset + slot.nbytes].view(slot.dtype).view(slot.shape)
     return _flat(held[_region(box, slot.extent[0])])
+
+
+def _start_in_slot(p: Piece) -> int | None:
+    """Where the piece starts among its slot's elements, when it is a contiguous run of them
+    (then it is a byte range of the file); None otherwise."""
+    if p.nbytes == 0:
+        return 0
+    at = p.slot.extent[0]
+    return contiguous_start((tuple(o - a for o, a in zip(p.box[0], at)), p.box[1]), p.slot.shape)
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor | None:
@@ -587,8 +598,9 @@ class ImageLayout:
 
     @classmethod
     def of(cls, plan: LoadPlan, specs: dict[str, tuple[torch.dtype, tuple[int, ...]]]) -> ImageLayout:
-        """Lay the tensors out in file order. A bucket's slots are then one run of bytes: a
-        bucket holds whole tensors, or rows of one tensor only (checked)."""
+        """Lay the tensors out in file order: a bucket of whole tensors, or of rows of one
+        tensor, is then one run of bytes (:meth:`run`); buckets of boxes of fused tensors may
+        not be."""
         offset, end = {}, 0
         for bucket in sorted(plan.buckets, key=_file_order):
             for slot in bucket.slots:
@@ -604,34 +616,58 @@ class ImageLayout:
     def _check_runs(self, plan: LoadPlan) -> None:
         """Each bucket's run of bytes holds its own slots only: what crosses nodes is the run.
         (A node-local plan holds each bucket once per node: the same run.)"""
-        runs = sorted({(self._slot_range(b.slots[0])[0], self._slot_range(b.slots[-1])[1])
-                       for b in plan.buckets})
+        runs = sorted({r for r in map(self.run, plan.buckets) if r is not None})
         if any(a[1] > b[0] for a, b in zip(runs, runs[1:])):
             raise AssertionError("internal error: buckets overlap in the node image")
 
-    def _slot_range(self, slot: Slot) -> tuple[int, int]:
+    def _slot_range(self, slot: Slot) -> tuple[int, int] | None:
+        """The image bytes of the slot's box, when the box is contiguous in its tensor."""
+        start = contiguous_start(slot.extent, self.shape[slot.key])
+        if start is None:
+            return None
         size = self.dtype[slot.key].itemsize
-        begin = self.offset[slot.key] + slot.row * _numel(slot.shape[1:]) * size
+        begin = self.offset[slot.key] + start * size
         return begin, begin + _numel(slot.shape) * size
 
-    def slot_begin(self, slot: Slot) -> int:
-        return self._slot_range(slot)[0]
+    def _tensor_end(self, key: str) -> int:
+        return self.offset[key] + _numel(self.shape[key]) * self.dtype[key].itemsize
 
-    def slot_end(self, slot: Slot) -> int:
-        return self._slot_range(slot)[1]
+    def run(self, bucket: Bucket) -> tuple[int, int] | None:
+        """The bucket's slots as one run of image bytes: each slot contiguous, each next one
+        right after the last (or, in another tensor, after the alignment between two whole
+        tensors); None otherwise."""
+        ranges = [self._slot_range(s) for s in bucket.slots]
+        if any(r is None for r in ranges):
+            return None
+        for s, t, (_, a1), (b0, _) in zip(bucket.slots, bucket.slots[1:], ranges, ranges[1:]):
+            if s.key == t.key:
+                if b0 != a1:
+                    return None
+            elif not (a1 == self._tensor_end(s.key) and b0 == self.offset[t.key] == align(a1)):
+                return None
+        return ranges[0][0], ranges[-1][1]
 
     def slot_bytes(self, data: torch.Tensor, slot: Slot) -> torch.Tensor:
-        """The bytes of ``slot``'s rows, in the parameter's dtype."""
+        """The bytes of ``slot``'s box, in the parameter's dtype (a box contiguous in its
+        tensor: see :meth:`slot_view` for any)."""
         begin, end = self._slot_range(slot)
         return data[begin:end]
 
+    def slot_view(self, data: torch.Tensor, slot: Slot) -> torch.Tensor:
+        """The slot's box of its tensor in the image, typed (strided where the box is)."""
+        return self.tensor(data, slot.key)[_region(slot.extent, None)]
+
     def bucket_bytes(self, data: torch.Tensor, bucket: Bucket) -> torch.Tensor:
-        """From the first byte of the bucket's first slot to the last of its last."""
-        return data[self._slot_range(bucket.slots[0])[0]:self._slot_range(bucket.slots[-1])[1]]
+        """The bucket's :meth:`run` of bytes."""
+        begin, end = self.run(bucket)
+        return data[begin:end]
+
+    def tensor(self, data: torch.Tensor, key: str) -> torch.Tensor:
+        o = self.offset[key]
+        return data[o:self._tensor_end(key)].view(self.dtype[key]).view(self.shape[key])
 
     def tensors(self, data: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {k: data[o:o + _numel(self.shape[k]) * self.dtype[k].itemsize]
-                .view(self.dtype[k]).view(self.shape[k]) for k, o in self.offset.items()}
+        return {k: self.tensor(data, k) for k in self.offset}
 
 
 class _ReadAhead:

@@ -79,9 +79,13 @@ def from_pretrained(
     - ``shard(model, device_mesh)``: called on the tied meta model before loading (for example
       ``fully_shard`` per layer and on the root, or ``parallelize_module``). With
       ``device_mesh`` and no ``shard``, :func:`fsdp2_by_layer` is used.
-    - ``group`` and ``load_kwargs`` (``device``, ``strict``, ``bucket_size``, ``timeout``, ...)
-      go to :func:`distshard.load`.
+    - ``group`` and ``load_kwargs`` (``device``, ``strict``, ``key_mapping``, ``bucket_size``,
+      ``timeout``, ...) go to :func:`distshard.load`. As transformers' ``from_pretrained``,
+      the default is ``strict=False``: model tensors the checkpoint lacks (a new head) are
+      initialised and listed (``report.initialized_keys``, a warning on rank 0), checkpoint
+      tensors the model does not use are listed and not read.
     """
+    load_kwargs.setdefault("strict", False)
     if device_mesh is not None and shard is None:
         shard = fsdp2_by_layer
     comm = Comm(group, _timeout(load_kwargs.get("timeout", DEFAULT_TIMEOUT)))

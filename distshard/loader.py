@@ -19,7 +19,10 @@ from . import _faults
 from .comm import Comm, failure_of
 from .distribute import Exchange, ImageLayout
 from .errors import DistShardError
+from .hfkeys import TransformersRules, is_transformers_model
 from .index import describe_file, find_checkpoint
+from .initialize import Initializer
+from .keymap import RegexRules
 from .materialize import ModelTargets
 from .plan import LoadPlan, make_plan, tiles, untiled
 from .progress import JobProgress, progress_wanted
@@ -27,7 +30,7 @@ from .reader import ShardReader
 from .report import LoadReport, PeakMemorySampler
 from .shm import SHM_DIR, NodeImage
 from .topology import Topology, node_key, node_name
-from .validate import match_checkpoint
+from .validate import match_checkpoint, refuse_quantized
 
 __all__ = ["DEFAULT_BUCKET_SIZE", "LoadOptions", "load"]
 
@@ -55,8 +58,13 @@ class LoadOptions:
     map_checkpoint: bool = True
     locality: str = "cluster"
     progress: bool | None = None
+    key_mapping: dict[str, str] | None = None
 
     def __post_init__(self) -> None:
+        if self.key_mapping is not None and not (isinstance(self.key_mapping, dict) and all(
+                isinstance(k, str) and isinstance(v, str) for k, v in self.key_mapping.items())):
+            raise ValueError("key_mapping must be a dict of regular expressions to replacements, "
+                             f"got {self.key_mapping!r}")
         if self.locality not in ("cluster", "node"):
             raise ValueError(f"locality must be 'cluster' or 'node', got {self.locality!r}")
         if isinstance(self.timeout, (int, float)):
@@ -85,6 +93,10 @@ class _Outcome:
     unexpected_keys: tuple[str, ...]
     token: str  # names this load's node images in shared memory, and its progress counter
     progress: bool  # whether rank 0 draws a progress bar (so the others count)
+    initialized: tuple[str, ...] = ()  # one name per new tensor group, initialised on every rank
+    initialized_keys: tuple[str, ...] = ()  # every name of those groups
+    converted_keys: tuple[str, ...] = ()  # made by a conversion of whole checkpoint tensors
+    seed: int = 0  # of the new tensors' initialisation
 
 
 def load(
@@ -103,6 +115,7 @@ def load(
     map_checkpoint: bool = True,
     locality: str = "cluster",
     progress: bool | None = None,
+    key_mapping: dict[str, str] | None = None,
 ) -> LoadReport:
     """Load ``checkpoint`` into ``model`` on every rank of ``group``, each byte read by one rank.
 
@@ -137,26 +150,40 @@ def load(
     ``progress``: rank 0 draws one bar for the whole job (bytes read by all ranks, GB/s, ETA)
     on the ``distshard.progress`` logger; None does so when rank 0's stderr is a terminal and
     ``DISTSHARD_PROGRESS`` is not ``0`` (see :mod:`distshard.progress`).
+
+    Keys: for a transformers model, the checkpoint's keys are mapped onto the model as
+    transformers maps them (its conversions for the architecture: renamed layouts, one tensor
+    per expert into fused experts, base-model prefixes added or stripped; see
+    :mod:`distshard.hfkeys`), with ``key_mapping={regex: replacement}`` applied first as
+    transformers' ``from_pretrained`` applies it; for any other module, ``key_mapping``'s
+    patterns rename each checkpoint key in turn (``re.sub``, first match). A model key the
+    checkpoint lacks but the model declares tied to one it has is read from that one. With
+    ``strict=False``, model tensors the checkpoint does not hold are initialised as the model
+    initialises them (a transformers model's ``_init_weights``, else ``reset_parameters``;
+    for other modules only tensors on meta), identically on every rank, and listed in
+    ``report.initialized_keys``; checkpoint tensors the model does not use are not read.
     """
     options = LoadOptions(device=device, dtype=dtype, strict=strict, bucket_size=bucket_size,
                           read_own_slices=read_own_slices, timeout=timeout,
                           log_summary=log_summary, shared_memory=shared_memory,
-                          map_checkpoint=map_checkpoint, locality=locality, progress=progress)
+                          map_checkpoint=map_checkpoint, locality=locality, progress=progress,
+                          key_mapping=key_mapping)
     comm = Comm(group, options.timeout)
     target_device = options.device or comm.device
     started = time.perf_counter()
     with PeakMemorySampler() as memory:
         try:
-            targets, outcome, topology = _plan(model, checkpoint, comm, options)
+            targets, rules, outcome, topology = _plan(model, checkpoint, comm, options)
             with JobProgress(sum(outcome.plan.bytes_per_rank()), rank=comm.rank,
                              key=outcome.token, store=_store(comm),
                              enabled=outcome.progress) as progress:
                 dests, image, layout, mapped = _allocate(targets, outcome, topology, comm,
                                                          target_device, options)
-                exchange = _distribute(targets, outcome, dests, comm, options, image, layout,
-                                       mapped, topology, progress)
+                exchange = _distribute(targets, rules, outcome, dests, comm, options, image,
+                                       layout, mapped, topology, progress)
                 del image
-                stats = _prepare_commit(targets, outcome, comm, exchange, memory, started)
+                stats = _prepare_commit(targets, outcome, comm, exchange, memory, started,
+                                        target_device)
         except Exception as e:
             # A failed load keeps nothing alive: the frames of its traceback would hold the
             # destinations (allocated tensors, mapped files, the node image) for as long as the
@@ -179,23 +206,40 @@ def load(
         seconds=time.perf_counter() - started, peak_host_memory=memory.peak_above_baseline,
         peak_host_memory_per_rank=[s[1] for s in stats],
         seconds_per_rank=[s[3] / 1e6 for s in stats], node_of_rank=list(topology.node_of),
-        shared_copy="files" if mapped else "shm" if layout is not None else None)
+        shared_copy="files" if mapped else "shm" if layout is not None else None,
+        initialized_keys=list(outcome.initialized_keys),
+        converted_keys=list(outcome.converted_keys))
     if options.log_summary and comm.rank == 0:
         logger.info(report.summary())
+        _log_keys(report, type(model).__name__, outcome.root)
     return report
 
 
+def _log_keys(report: LoadReport, model_name: str, root: str) -> None:
+    """As transformers reports a load: new weights as a warning, unused checkpoint keys."""
+    if report.initialized_keys:
+        logger.warning(
+            "distshard: some weights of %s were not in the checkpoint at %s and are newly "
+            "initialized (the same on every rank): %s; you should probably train this model on "
+            "a down-stream task before using it", model_name, root, report.initialized_keys)
+    if report.unexpected_keys:
+        logger.info("distshard: %d checkpoint tensor(s) at %s are not used by %s and were not "
+                    "read: %s", len(report.unexpected_keys), root, model_name,
+                    report.unexpected_keys)
+
+
 def _plan(model, checkpoint, comm: Comm,
-          options: LoadOptions) -> tuple[ModelTargets, _Outcome, Topology]:
+          options: LoadOptions) -> tuple[ModelTargets, object, _Outcome, Topology]:
     """Every rank inspects its model and names its node; rank 0 validates the checkpoint; all
     agree; rank 0 plans for the nodes found and sends the plan."""
-    failure, targets, found, outcome, signature = None, None, None, None, 0
+    failure, targets, rules, found, outcome, signature = None, None, None, None, None, 0
     try:
         _faults.check("validate", comm.rank)
         targets = ModelTargets(model, options.dtype)
         signature = targets.signature()
+        rules = key_rules(model, options.key_mapping)
         if comm.rank == 0:
-            found = _validate(checkpoint, targets, options)
+            found = _validate(checkpoint, model, targets, rules, options)
     except Exception as e:
         failure = failure_of(e, comm.rank, "validate")
     rows = comm.agree(failure, [signature, node_key(node_name())])
@@ -207,28 +251,53 @@ def _plan(model, checkpoint, comm: Comm,
             "shapes or dtypes); every rank must build the same model before calling load")
     topology = Topology.from_keys([row[1] for row in rows])
     if comm.rank == 0:
-        root, match = found
+        root, match, initialized = found
         readers = None
         if options.locality == "node":
             readers = [topology.ranks_on(n) for n in range(topology.num_nodes)]
-        plan = make_plan(match.files, comm.world_size, options.bucket_size, readers)
+        plan = make_plan(match.files, comm.world_size, options.bucket_size, readers,
+                         parts=match.parts, conversions=match.conversions, outputs=match.outputs)
+        converted = sorted(n for c in match.conversions for t in c.targets
+                           for n in targets.by_name[t].names)
         outcome = _Outcome(root, plan, match.loaded_keys, match.missing_keys,
                            match.unexpected_keys, secrets.token_hex(8),
-                           progress_wanted(0) if options.progress is None else options.progress)
-    return targets, comm.broadcast_object(outcome), topology
+                           progress_wanted(0) if options.progress is None else options.progress,
+                           tuple(initialized),
+                           tuple(sorted(n for k in initialized for n in targets.by_name[k].names)),
+                           tuple(converted), int(torch.randint(2**62, ())))
+    return targets, rules, comm.broadcast_object(outcome), topology
 
 
-def _validate(checkpoint, targets: ModelTargets, options: LoadOptions):
+def key_rules(model: torch.nn.Module, key_mapping: dict[str, str] | None):
+    """The rules that map a checkpoint's keys onto ``model``: transformers' own for a
+    transformers model, else ``key_mapping`` alone."""
+    if is_transformers_model(model):
+        return TransformersRules(model, key_mapping)
+    return RegexRules(key_mapping)
+
+
+def _validate(checkpoint, model, targets: ModelTargets, rules, options: LoadOptions):
     ckpt = find_checkpoint(checkpoint)
+    refuse_quantized(ckpt.root, model)
     files = [describe_file(ckpt.root, name, ckpt.kind) for name in ckpt.files]
-    match = match_checkpoint(files, ckpt.weight_map, targets.specs(), strict=options.strict)
+    initializer = Initializer(model)
+    hf = is_transformers_model(model)
+    missing_names = [t.names[0] for t in targets.specs()]
+    initializable = targets.initializable(missing_names, initializer)
+    tied = rules.tied_sources() if hasattr(rules, "tied_sources") else {}
+    match = match_checkpoint(files, ckpt.weight_map, targets.specs(), strict=options.strict,
+                             rules=rules, tied=tied, initializable=initializable)
     for names in match.tied_copies:
         logger.warning(
             "distshard: the checkpoint holds %s as separate tensors, but the model ties them: "
             "%r is loaded into all of them (transformers leaves such weights untied when the "
             "copies differ; untie them in the model, or drop the extra copies, if they do)",
             " and ".join(map(repr, names)), names[0])
-    return ckpt.root, match
+    missing = set(match.missing_keys)
+    initialized = [t.names[0] for t in targets.specs()
+                   if set(t.names) <= missing and t.names[0] in initializable
+                   and (hf or targets.by_name[t.names[0]].tensor.device.type == "meta")]
+    return ckpt.root, match, initialized
 
 
 def _allocate(targets: ModelTargets, outcome: _Outcome, topology: Topology, comm: Comm,
@@ -295,7 +364,8 @@ def _maps_files(plan: LoadPlan, specs: dict[str, tuple[torch.dtype, tuple[int, .
     every byte itself (one node, or node-local loads), from safetensors files, and every tensor
     keeps the checkpoint's dtype at an offset aligned for it (a view needs both). The same
     answer on every rank: it depends on agreed inputs only."""
-    if not options.map_checkpoint or (topology.num_nodes > 1 and options.locality != "node"):
+    if not plan.identity or not options.map_checkpoint or (
+            topology.num_nodes > 1 and options.locality != "node"):
         return False
     return all(plan.file(b.file).kind == "safetensors"
                and all(specs[s.key][0] == s.dtype and s.begin % s.dtype.itemsize == 0
@@ -315,7 +385,7 @@ def _wants_image(targets: ModelTargets, comm: Comm, device: torch.device,
     return targets.all_whole_on_cpu()
 
 
-def _distribute(targets: ModelTargets, outcome: _Outcome, dests, comm: Comm,
+def _distribute(targets: ModelTargets, rules, outcome: _Outcome, dests, comm: Comm,
                 options: LoadOptions, image: NodeImage | None, layout: ImageLayout | None,
                 mapped: bool, topology: Topology, progress: JobProgress) -> Exchange:
     """Read and distribute every bucket; every rank then agrees on the outcome."""
@@ -326,7 +396,8 @@ def _distribute(targets: ModelTargets, outcome: _Outcome, dests, comm: Comm,
             shape = tuple(targets.by_name[key].tensor.shape)
             if not tiles([b[key] for b in boxes], shape):
                 raise DistShardError("distshard: " + untiled(key, shape), key=key)
-        reader = ShardReader(outcome.root, outcome.plan, on_read=progress.advance)
+        reader = ShardReader(outcome.root, outcome.plan, on_read=progress.advance,
+                             convert=_converter(rules, targets))
         exchange = Exchange(comm, outcome.plan, reader, dests, boxes,
                             read_own_slices=options.read_own_slices, image=image, layout=layout,
                             topology=topology, node_local=options.locality == "node",
@@ -342,12 +413,30 @@ def _distribute(targets: ModelTargets, outcome: _Outcome, dests, comm: Comm,
     return exchange
 
 
+def _converter(rules, targets: ModelTargets):
+    """Runs a conversion as transformers does: floating sources cast to the dtype of the first
+    model tensor it makes, then the operation, then each result in its tensor's dtype."""
+    def convert(conversion, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        dtype = targets.target_dtype(targets.by_name[conversion.targets[0]].tensor)
+        cast = {k: v.to(dtype) if v.is_floating_point() and dtype.is_floating_point else v
+                for k, v in tensors.items()}
+        made = rules.convert(conversion, cast)
+        return {k: v.to(targets.target_dtype(targets.by_name[k].tensor))
+                for k, v in made.items() if k in targets.by_name}
+    return convert
+
+
 def _prepare_commit(targets: ModelTargets, outcome: _Outcome, comm: Comm, exchange: Exchange,
-                    memory: PeakMemorySampler, started: float) -> list[list[int]]:
+                    memory: PeakMemorySampler, started: float,
+                    device: torch.device) -> list[list[int]]:
     failure = None
     try:
         _faults.check("materialize", comm.rank)
-        targets.check_complete(set(outcome.loaded_keys))
+        if outcome.initialized:
+            new = targets.initialize(outcome.initialized, outcome.seed, device,
+                                     Initializer(targets.model))
+            exchange.dests = {**(exchange.dests or {}), **new}
+        targets.check_complete(set(outcome.loaded_keys) | set(outcome.initialized_keys))
     except Exception as e:
         failure = failure_of(e, comm.rank, "materialize")
     micros = int((time.perf_counter() - started) * 1e6)

@@ -14,6 +14,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from .errors import DistShardError
+from .initialize import Initializer
 from .plan import Box, LoadPlan
 from .validate import TargetSpec
 
@@ -66,6 +67,7 @@ class ModelTargets:
             # init_empty_weights leaves tied parameters as separate meta tensors. A sharded
             # model must be tied before fully_shard / parallelize_module, which see the ties.
             tie()
+        self.model = model
         self.dtype = dtype
         self._groups: dict[int, _Target] = {}
         self._extra_buffers: dict[int, _Target] = {}
@@ -136,6 +138,47 @@ class ModelTargets:
         return {s.key: (self.target_dtype(self.by_name[s.key].tensor),
                         tuple(self.by_name[s.key].tensor.shape))
                 for b in plan.buckets for s in b.slots}
+
+    # --- new weights ----------------------------------------------------------------------
+
+    def _owners(self, names) -> dict[int, tuple[str, torch.nn.Module, list[tuple[str, _Target]]]]:
+        """The tensor groups of ``names`` by the module that holds each (its first holder)."""
+        out: dict[int, tuple[str, torch.nn.Module, list[tuple[str, _Target]]]] = {}
+        for name in names:
+            target = self.by_name[name]
+            i = target.names.index(name)
+            module, attr = target.refs[i]
+            out.setdefault(id(module), (name.rpartition(".")[0], module, []))[2].append(
+                (attr, target))
+        return out
+
+    def initializable(self, names, initializer: Initializer) -> frozenset[str]:
+        """Which of ``names`` a non-strict load initialises (see :mod:`distshard.initialize`)."""
+        out = set()
+        for module_name, module, held in self._owners(names).values():
+            if initializer.can_initialize(module_name, module):
+                out.update(n for _, t in held for n in t.names)
+        return frozenset(out)
+
+    def initialize(self, names, seed: int, device: torch.device,
+                   initializer: Initializer) -> dict[str, torch.Tensor]:
+        """This rank's value of each tensor group named (one name per group): initialised
+        whole from ``seed`` on the CPU (the same on every rank), then its box, on ``device`` for
+        meta tensors (beside the current value for real ones)."""
+        out = {}
+        for module_name, module, held in self._owners(names).values():
+            missing = {attr: (tuple(t.tensor.shape), self.target_dtype(t.tensor), t.is_param)
+                       for attr, t in held}
+            values = initializer.initialize(module_name, module, missing, seed)
+            for attr, target in held:
+                value = values[attr]
+                if value is None:
+                    continue
+                local = value[tuple(slice(o, o + n) for o, n in zip(*target.box))]
+                where = device if _is_meta(target.tensor) else (
+                    target.tensor.to_local() if target.is_dtensor else target.tensor).device
+                out[target.names[0]] = local.to(where).contiguous()
+        return out
 
     def check_complete(self, loaded: set[str]) -> None:
         """Refuse to commit a model that would keep a tensor on meta."""

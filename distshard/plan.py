@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from .index import FileInfo, TensorInfo
+from .keymap import Conversion, Part, contiguous_start, volume
 
 __all__ = [
     "ALIGN",
@@ -22,6 +23,7 @@ __all__ = [
     "Piece",
     "PlannedFile",
     "Slot",
+    "SourceRead",
     "align",
     "assign_ranges",
     "intersect",
@@ -43,9 +45,11 @@ ALIGN = 16
 
 @dataclass(frozen=True, slots=True)
 class Slot:
-    """Rows ``row .. row + shape[0]`` of tensor ``key`` (all of it when ``row == 0`` and
-    ``shape`` is the tensor's) inside a bucket: ``nbytes`` bytes at ``offset`` in the bucket,
-    read from byte ``begin`` of the file (``None`` for ``.bin`` files, read by key)."""
+    """A box of model tensor ``key`` inside a bucket: ``nbytes`` bytes at ``offset`` in the
+    bucket, read from byte ``begin`` of the file (``None`` for ``.bin`` files, read by key). The
+    box starts at ``at`` (default: the origin) and has ``shape``; its bytes are elements
+    ``first ..`` of checkpoint tensor ``source`` (default: ``key``), a contiguous run of it, in
+    the same row-major order (see :class:`distshard.keymap.Part`)."""
 
     key: str
     dtype: torch.dtype
@@ -53,23 +57,55 @@ class Slot:
     begin: int | None
     offset: int
     nbytes: int
-    row: int = 0
+    at: tuple[int, ...] = ()
+    source: str = ""
+    first: int = 0
 
     @property
     def extent(self) -> Box:
-        """The part of the whole tensor this slot holds, as a box."""
-        offset = ((self.row,) + (0,) * (len(self.shape) - 1)) if self.shape else ()
-        return offset, self.shape
+        """The part of the whole model tensor this slot holds, as a box."""
+        return (self.at or (0,) * len(self.shape)), self.shape
+
+    @property
+    def source_key(self) -> str:
+        return self.source or self.key
+
+
+@dataclass(frozen=True, slots=True)
+class SourceRead:
+    """A checkpoint tensor read whole by the owner of a conversion bucket."""
+
+    file: str
+    key: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    begin: int | None
+
+    @property
+    def nbytes(self) -> int:
+        return volume(self.shape) * self.dtype.itemsize
 
 
 @dataclass(frozen=True, slots=True)
 class Bucket:
-    """A flat byte buffer that ``owner`` fills from ``file`` and broadcasts to every rank."""
+    """A flat byte buffer that ``owner`` fills from ``file`` and broadcasts to every rank.
+
+    A conversion bucket (``conversion`` set) is filled otherwise: its owner reads ``sources``
+    whole, runs the conversion, and its slots hold the resulting model tensors, whole."""
 
     owner: int
     file: str
     nbytes: int
     slots: tuple[Slot, ...]
+    conversion: Conversion | None = None
+    sources: tuple[SourceRead, ...] = ()
+
+    @property
+    def read_bytes(self) -> int:
+        """Bytes its owner reads from storage."""
+        if self.conversion is not None:
+            return sum(s.nbytes for s in self.sources)
+        return sum(s.nbytes for s in self.slots)
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,12 +124,13 @@ class LoadPlan:
     bucket_size: int
     files: tuple[PlannedFile, ...]
     buckets: tuple[Bucket, ...]
+    identity: bool = True  # every model tensor is one whole checkpoint tensor (renames at most)
 
     def bytes_per_rank(self) -> list[int]:
         """Bytes each rank reads from storage when it reads whole buckets."""
         loads = [0] * self.world_size
         for b in self.buckets:
-            loads[b.owner] += sum(s.nbytes for s in b.slots)
+            loads[b.owner] += b.read_bytes
         return loads
 
     def file(self, name: str) -> PlannedFile:
@@ -139,17 +176,26 @@ def scaled_bucket_size(bucket_size: int, total: int, world_size: int) -> int:
 
 
 def make_plan(files: Sequence[FileInfo], world_size: int, bucket_size: int,
-              readers: Sequence[Sequence[int]] | None = None) -> LoadPlan:
+              readers: Sequence[Sequence[int]] | None = None, *,
+              parts: Mapping[str, Sequence[Part]] | None = None,
+              conversions: Sequence[Conversion] = (),
+              outputs: Mapping[str, tuple[tuple[int, ...], torch.dtype]] | None = None) -> LoadPlan:
     """Plan the load of the tensors listed in ``files`` (only those the model needs).
 
     Buckets never mix files and keep a file's tensors in file order, so one bucket is one
-    near-sequential read; a tensor larger than ``bucket_size`` is cut into runs of whole rows
-    (contiguous bytes) that fill one bucket each, so staging never exceeds ``bucket_size``
-    unless a single row does. Ranks read byte ranges, not whole files: the buckets of all files,
-    in file order, are cut into one stretch per rank (:func:`assign_ranges`), so even a
-    single-file checkpoint is shared evenly. Buckets of different ranks are interleaved so that
-    reads spread over ranks. ``bucket_size`` is an upper bound: a small checkpoint gets smaller
-    buckets (:func:`scaled_bucket_size`), recorded in the plan.
+    near-sequential read; a tensor larger than ``bucket_size`` is cut into runs (contiguous
+    bytes) that fill one bucket each, so staging never exceeds ``bucket_size`` unless a single
+    row does. Ranks read byte ranges, not whole files: the buckets of all files, in file order,
+    are cut into one stretch per rank (:func:`assign_ranges`), so even a single-file checkpoint
+    is shared evenly. Buckets of different ranks are interleaved so that reads spread over
+    ranks. ``bucket_size`` is an upper bound: a small checkpoint gets smaller buckets
+    (:func:`scaled_bucket_size`), recorded in the plan.
+
+    ``parts`` maps a checkpoint key to the boxes of model tensors it forms (default: each key is
+    the model tensor of that name, whole); each part is read as the byte range it is. Each of
+    ``conversions`` gets one bucket, placed after the file of its first source: its owner reads
+    the sources whole and the bucket holds the model tensors it makes (shapes and dtypes in
+    ``outputs``).
 
     ``readers`` (default: every rank, once) lists groups of ranks that each read the whole
     checkpoint among themselves — one group per node for node-local loading: the plan then
@@ -161,48 +207,92 @@ def make_plan(files: Sequence[FileInfo], world_size: int, bucket_size: int,
     total = sum(t.nbytes for f in files for t in f.tensors.values())
     bucket_size = scaled_bucket_size(bucket_size, total, max(len(g) for g in readers))
     ordered = sorted(files, key=lambda f: f.name)
-    tape = [b for f in ordered for b in _pack(f, 0, bucket_size)]
+    after: dict[str, list[Bucket]] = {}
+    for c in conversions:
+        bucket = _conversion_bucket(c, files, outputs or {})
+        after.setdefault(bucket.file, []).append(bucket)
+    tape = [b for f in ordered for b in _pack(f, bucket_size, parts) + after.get(f.name, [])]
     per_owner: list[list[Bucket]] = [[] for _ in range(world_size)]
     for group in readers:
-        owners = assign_ranges([sum(s.nbytes for s in b.slots) for b in tape], len(group))
+        owners = assign_ranges([b.read_bytes for b in tape], len(group))
         for bucket, owner in zip(tape, owners):
             per_owner[group[owner]].append(dataclasses.replace(bucket, owner=group[owner]))
     planned = tuple(PlannedFile(f.name, f.kind, f.size, f.mtime_ns) for f in ordered)
-    return LoadPlan(world_size, bucket_size, planned, _interleave(per_owner))
+    identity = not conversions and all(
+        len(ps) == 1 and ps[0].box == ps[0].source_box for ps in (parts or {}).values())
+    return LoadPlan(world_size, bucket_size, planned, _interleave(per_owner), identity)
 
 
-def _pack(f: FileInfo, owner: int, bucket_size: int) -> list[Bucket]:
+def _pack(f: FileInfo, bucket_size: int, parts: Mapping[str, Sequence[Part]] | None) -> list[Bucket]:
     order = sorted(f.tensors.items(), key=lambda kv: (kv[1].begin or 0, kv[0]))
     buckets: list[Bucket] = []
-    slots: list[Slot] = []
+    open_slots: list[Slot] = []
     end = 0
-    for key, t in order:
-        if t.nbytes > bucket_size and len(t.shape) >= 1 and t.shape[0] > 1:
-            if slots:  # keep file order: close the open bucket first
-                buckets.append(Bucket(owner, f.name, end, tuple(slots)))
-                slots, end = [], 0
-            buckets.extend(Bucket(owner, f.name, s.nbytes, (s,)) for s in _row_runs(key, t, bucket_size))
+    for runs in (r for key, t in order for r in _slots(key, t, bucket_size, parts)):
+        if len(runs) > 1 or runs[0].nbytes > bucket_size:  # a bucket of its own for each run
+            if open_slots:  # keep file order: close the open bucket first
+                buckets.append(Bucket(0, f.name, end, tuple(open_slots)))
+                open_slots, end = [], 0
+            buckets.extend(Bucket(0, f.name, s.nbytes, (s,)) for s in runs)
             continue
+        s = runs[0]
         offset = align(end)
-        if slots and offset + t.nbytes > bucket_size:
-            buckets.append(Bucket(owner, f.name, end, tuple(slots)))
-            slots, offset = [], 0
-        slots.append(Slot(key, t.dtype, t.shape, t.begin, offset, t.nbytes))
-        end = offset + t.nbytes
-    if slots:
-        buckets.append(Bucket(owner, f.name, end, tuple(slots)))
+        if open_slots and offset + s.nbytes > bucket_size:
+            buckets.append(Bucket(0, f.name, end, tuple(open_slots)))
+            open_slots, offset = [], 0
+        open_slots.append(dataclasses.replace(s, offset=offset))
+        end = offset + s.nbytes
+    if open_slots:
+        buckets.append(Bucket(0, f.name, end, tuple(open_slots)))
     return buckets
 
 
-def _row_runs(key: str, t: TensorInfo, bucket_size: int) -> list[Slot]:
-    row_bytes = t.nbytes // t.shape[0]
-    step = max(1, bucket_size // row_bytes)
+def _slots(key: str, t: TensorInfo, bucket_size: int,
+           parts: Mapping[str, Sequence[Part]] | None) -> list[list[Slot]]:
+    """The slots that read checkpoint tensor ``key``, per part (in file order): one, or for a
+    part larger than ``bucket_size`` its runs along its leading dimension."""
+    if parts is None:
+        whole = ((0,) * len(t.shape), t.shape)
+        mine = [Part(key, whole, key, whole, tuple(range(len(t.shape))))]
+    else:
+        mine = sorted(parts.get(key, ()), key=lambda p: contiguous_start(p.source_box, t.shape))
+    return [_runs(p, t, bucket_size) for p in mine]
+
+
+def _runs(p: Part, t: TensorInfo, bucket_size: int) -> list[Slot]:
+    size = t.dtype.itemsize
+    first = contiguous_start(p.source_box, t.shape)
+    (soff, ssize), (off, shape) = p.source_box, p.box
+    lead = next((k for k, n in enumerate(ssize) if n > 1), None)
+    if p.numel * size <= bucket_size or lead is None:
+        begin = None if t.begin is None else t.begin + first * size
+        return [Slot(p.target, t.dtype, shape, begin, 0, p.numel * size, off, p.source, first)]
+    row = volume(ssize[lead + 1:])  # elements per step along the leading dimension
+    step = max(1, bucket_size // (row * size))
+    d = p.dims[lead]
     runs = []
-    for row in range(0, t.shape[0], step):
-        n = min(step, t.shape[0] - row)
-        begin = None if t.begin is None else t.begin + row * row_bytes
-        runs.append(Slot(key, t.dtype, (n, *t.shape[1:]), begin, 0, n * row_bytes, row))
+    for r in range(0, ssize[lead], step):
+        n = min(step, ssize[lead] - r)
+        start = first + r * row
+        begin = None if t.begin is None else t.begin + start * size
+        runs.append(Slot(p.target, t.dtype, shape[:d] + (n,) + shape[d + 1:], begin, 0,
+                         n * row * size, off[:d] + (off[d] + r,) + off[d + 1:], p.source, start))
     return runs
+
+
+def _conversion_bucket(c: Conversion, files: Sequence[FileInfo],
+                       outputs: Mapping[str, tuple[tuple[int, ...], torch.dtype]]) -> Bucket:
+    where = {key: f for f in files for key in f.tensors}
+    sources = tuple(SourceRead(where[k].name, k, where[k].tensors[k].dtype,
+                               where[k].tensors[k].shape, where[k].tensors[k].begin)
+                    for k in c.sources)
+    slots, end = [], 0
+    for target in c.targets:
+        shape, dtype = outputs[target]
+        offset = align(end)
+        slots.append(Slot(target, dtype, shape, None, offset, volume(shape) * dtype.itemsize))
+        end = offset + slots[-1].nbytes
+    return Bucket(0, sources[0].file, end, tuple(slots), c, sources)
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,7 +311,7 @@ def payload_layout(bucket: Bucket, boxes: Mapping[str, Box]) -> tuple[tuple[Piec
 
     ``boxes`` maps keys to this rank's box; keys it lacks are wanted whole.
 
-    >>> slot = Slot("w", torch.float32, (4, 2), 0, 0, 32, row=4)  # rows 4..7 of an (8, 2)
+    >>> slot = Slot("w", torch.float32, (4, 2), 0, 0, 32, at=(4, 0))  # rows 4..7 of an (8, 2)
     >>> pieces, n = payload_layout(Bucket(0, "f", 32, (slot,)), {"w": ((2, 0), (4, 2))})
     >>> pieces[0].box, pieces[0].nbytes, n
     (((4, 0), (2, 2)), 16, 16)
@@ -267,7 +357,7 @@ def tiles(boxes, shape: tuple[int, ...]) -> bool:
         stretches = sorted({(off[d], shp[d]) for off, shp in distinct})
         if any(o + n > o2 for (o, n), (o2, _) in zip(stretches, stretches[1:])):
             return False
-    return sum(_volume(shp) for _, shp in distinct) == _volume(shape)
+    return sum(volume(shp) for _, shp in distinct) == volume(shape)
 
 
 def untiled(key: str, shape: tuple[int, ...]) -> str:
@@ -275,13 +365,6 @@ def untiled(key: str, shape: tuple[int, ...]) -> str:
     return (f"the local shards of DTensor {key!r} do not cut its shape {list(shape)} into "
             "parts, one box per rank (a placement such as _StridedShard on its own interleaves "
             "rows): distshard loads and saves Shard and Replicate placements")
-
-
-def _volume(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def align(n: int) -> int:

@@ -21,9 +21,13 @@ import torch
 
 from .errors import DistShardError
 from .index import safe_path
+from .keymap import Conversion
 from .plan import Bucket, LoadPlan, PlannedFile, Slot
 
 __all__ = ["ShardReader", "map_files"]
+
+# Runs a conversion: (the conversion, checkpoint key -> tensor) -> model key -> tensor
+Convert = Callable[[Conversion, dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 
 # Linux caps one preadv at IOV_MAX (1024) buffers.
 _MAX_IOV = 1024
@@ -38,10 +42,12 @@ class ShardReader:
     open at a time (buckets of one file are consecutive in each owner's sequence)."""
 
     def __init__(self, root: str, plan: LoadPlan,
-                 on_read: Callable[[int], None] | None = None) -> None:
+                 on_read: Callable[[int], None] | None = None,
+                 convert: Convert | None = None) -> None:
         self.root = root
         self.plan = plan
         self.on_read = on_read  # told the bytes of each read as it completes (progress)
+        self.convert = convert  # runs a conversion bucket's operation on its sources
         self.bytes_read = 0
         self.files_read: list[str] = []
         self._name: str | None = None
@@ -52,7 +58,7 @@ class ShardReader:
 
     def clone(self) -> ShardReader:
         """Another reader of the same plan, with its own open file (one per thread)."""
-        return ShardReader(self.root, self.plan, self.on_read)
+        return ShardReader(self.root, self.plan, self.on_read, self.convert)
 
     def absorb(self, other: ShardReader) -> None:
         """Count what a clone read as this reader's."""
@@ -66,22 +72,62 @@ class ShardReader:
 
     def read_slots(self, bucket: Bucket, views: list[torch.Tensor]) -> None:
         """Fill ``views[i]`` (CPU, uint8, contiguous, ``slots[i].nbytes``) with slot ``i``."""
-        with self._naming(bucket.file, bucket.slots[0].key):
+        if bucket.conversion is not None:
+            self._converted(bucket, views)
+            return
+        with self._naming(bucket.file, bucket.slots[0].source_key):
             self._open(self.plan.file(bucket.file))
             if self._state is not None:
                 self._copy_from_state(bucket, views)
             else:
                 self._preadv(bucket, views)
 
+    def _converted(self, bucket: Bucket, views: list[torch.Tensor]) -> None:
+        """A conversion bucket: read its sources whole, run the conversion, and place each
+        model tensor it makes in its slot."""
+        tensors = {}
+        for src in bucket.sources:
+            with self._naming(src.file, src.key):
+                self._open(self.plan.file(src.file))
+                out = torch.empty(src.shape, dtype=src.dtype)
+                if self._state is not None:
+                    self._copy_whole(src.file, src.key, out)
+                else:
+                    self._read_exact(src.begin, [memoryview(out.reshape(-1).view(torch.uint8)
+                                                            .numpy())], src.file, src.key)
+                tensors[src.key] = out
+        c = bucket.conversion
+        try:
+            made = self.convert(c, tensors)
+        except Exception as e:
+            raise DistShardError(
+                f"the conversion {c.name} of {list(c.sources)[:4]}... into {list(c.targets)} "
+                f"failed: {type(e).__name__}: {e}", file=bucket.file, key=c.sources[0]) from e
+        for slot, view in zip(bucket.slots, views):
+            value = made.get(slot.key)
+            if value is None or tuple(value.shape) != slot.shape:
+                raise DistShardError(
+                    f"the conversion {c.name} gave {None if value is None else list(value.shape)} "
+                    f"for {slot.key!r}, planned {list(slot.shape)}", key=slot.key)
+            view.view(slot.dtype).view(slot.shape).copy_(value)
+
+    def _copy_whole(self, file: str, key: str, out: torch.Tensor) -> None:
+        src = self._state.get(key)
+        if src is None or src.dtype != out.dtype or tuple(src.shape) != tuple(out.shape):
+            raise DistShardError(f"file {file!r} no longer holds key {key!r} as planned",
+                                 file=file, key=key)
+        out.copy_(src)
+        self._count(out.nbytes)
+
     def populate(self, bucket: Bucket) -> None:
         """Bring the bucket's bytes into the page cache, copying them nowhere: the node's ranks
         then map the file (:func:`map_files`) and find them there. safetensors only."""
-        with self._naming(bucket.file, bucket.slots[0].key):
+        with self._naming(bucket.file, bucket.slots[0].source_key):
             self._open(self.plan.file(bucket.file))
             if self._map is None:
                 self._map = mmap.mmap(self._fd, 0, prot=mmap.PROT_READ)
             for begin, slots in _runs(bucket.slots):
-                with self._naming(bucket.file, slots[0].key):
+                with self._naming(bucket.file, slots[0].source_key):
                     self._populate_run(begin, slots)
 
     def _populate_run(self, begin: int, slots: list[Slot]) -> None:
@@ -149,7 +195,7 @@ class ShardReader:
     def _preadv(self, bucket: Bucket, views: list[torch.Tensor]) -> None:
         dest = {id(slot): view for slot, view in zip(bucket.slots, views)}
         for begin, slots in _runs(bucket.slots):
-            with self._naming(bucket.file, slots[0].key):
+            with self._naming(bucket.file, slots[0].source_key):
                 self._read_exact(begin, [memoryview(dest[id(s)].numpy()) for s in slots],
                                  bucket.file, slots)
 
@@ -172,8 +218,8 @@ class ShardReader:
             n = os.preadv(self._fd, views, begin + done)
             if n == 0:
                 if not isinstance(key, str):
-                    key = next((s.key for s in key if s.begin + s.nbytes > begin + done),
-                               key[-1].key)
+                    key = next((s.source_key for s in key if s.begin + s.nbytes > begin + done),
+                               key[-1].source_key)
                 raise DistShardError(
                     f"file {file!r} ended early: wanted {want} bytes at offset {begin}, "
                     f"got {done}", file=file, key=key)
@@ -182,14 +228,14 @@ class ShardReader:
 
     def _copy_from_state(self, bucket: Bucket, views: list[torch.Tensor]) -> None:
         for slot, dest in zip(bucket.slots, views):
-            src = self._state.get(slot.key)
-            if src is None or src.dtype != slot.dtype or tuple(src.shape[1:]) != slot.shape[1:]:
+            src = self._state.get(slot.source_key)
+            numel = slot.nbytes // slot.dtype.itemsize
+            if src is None or src.dtype != slot.dtype or src.numel() < slot.first + numel:
                 raise DistShardError(
-                    f"file {bucket.file!r} no longer holds key {slot.key!r} as planned",
-                    file=bucket.file, key=slot.key)
-            if slot.shape:
-                src = src[slot.row:slot.row + slot.shape[0]]
-            dest.view(slot.dtype).view(slot.shape).copy_(src)
+                    f"file {bucket.file!r} no longer holds key {slot.source_key!r} as planned",
+                    file=bucket.file, key=slot.source_key)
+            run = src.reshape(-1)[slot.first:slot.first + numel]
+            dest.view(slot.dtype).view(slot.shape).copy_(run.view(slot.shape))
             self._count(slot.nbytes)
 
     def _count(self, nbytes: int) -> None:
@@ -243,10 +289,11 @@ def map_files(root: str, plan: LoadPlan, buckets: list[Bucket]) -> dict[str, tor
         if bucket.file not in data:
             data[bucket.file] = _map_private(root, plan.file(bucket.file))
         for slot in bucket.slots:
-            if slot.key in out or slot.row != 0:
+            if slot.key in out or slot.first != 0:
                 continue
-            parts = whole[slot.key]
-            shape = (sum(s.shape[0] for s in parts),) + slot.shape[1:] if slot.shape else ()
+            parts = whole[slot.key]  # runs of one whole tensor, from its first element on
+            shape = tuple(max(s.extent[0][d] + s.shape[d] for s in parts)
+                          for d in range(len(slot.shape)))
             nbytes = sum(s.nbytes for s in parts)
             out[slot.key] = (data[bucket.file][slot.begin:slot.begin + nbytes]
                              .view(slot.dtype).view(shape))

@@ -33,6 +33,11 @@ class LoadReport:
     # Where a node's ranks share one copy of replicated tensors: "files" (the checkpoint files'
     # page cache, mapped copy-on-write), "shm" (an image in /dev/shm), None (each rank its own).
     shared_copy: str | None = None
+    # model keys the checkpoint does not hold, initialised as the model initialises them (the
+    # same values on every rank); also listed in missing_keys
+    initialized_keys: list[str] = field(default_factory=list)
+    # model keys made by an operation on whole checkpoint tensors (read by one rank)
+    converted_keys: list[str] = field(default_factory=list)
 
     @property
     def bytes_read_per_node(self) -> list[int]:
@@ -57,8 +62,9 @@ class LoadReport:
         else:  # no per-rank times: name the rank that read the most
             slowest = max(range(self.world_size), key=lambda r: self.bytes_read_per_rank[r])
             head += f" (max {_gb(self.bytes_read_per_rank[slowest])} on rank {slowest})"
+        new = f" ({len(self.initialized_keys)} initialized)" if self.initialized_keys else ""
         return (f"{head}; peak private host memory {self._memory_text()}; "
-                f"{len(self.missing_keys)} missing, {len(self.unexpected_keys)} unexpected keys")
+                f"{len(self.missing_keys)} missing{new}, {len(self.unexpected_keys)} unexpected keys")
 
     def _memory_text(self) -> str:
         per_rank = self.peak_host_memory_per_rank or [self.peak_host_memory]

@@ -8,6 +8,10 @@ unexpected.
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import re
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -15,8 +19,11 @@ import torch
 
 from .errors import DistShardError
 from .index import FileInfo
+from .keymap import Conversion, KeyMap, Part, RegexRules, volume
+from .plan import tiles
 
-__all__ = ["Match", "TargetSpec", "dtype_kind", "match_checkpoint"]
+__all__ = ["Match", "TargetSpec", "dtype_kind", "explain", "is_float8", "match_checkpoint",
+           "refuse_quantized"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +44,11 @@ class Match:
     # names the model ties that the checkpoint holds as separate tensors (safetensors: separate
     # bytes, which may differ); the first name of each is the one read
     tied_copies: tuple[tuple[str, ...], ...] = ()
+    parts: dict[str, tuple[Part, ...]] | None = None  # checkpoint key -> what it forms
+    conversions: tuple[Conversion, ...] = ()
+    outputs: dict[str, tuple[tuple[int, ...], torch.dtype]] | None = None  # conversions' targets
+    aliases: dict[str, str] | None = None  # tied key -> the key whose checkpoint tensors it reads
+    keymap: KeyMap | None = None
 
 
 def dtype_kind(dtype: torch.dtype) -> str:
@@ -58,34 +70,89 @@ def match_checkpoint(
     targets: Sequence[TargetSpec],
     *,
     strict: bool,
+    rules=None,
+    tied: Mapping[str, str] | None = None,
+    initializable: frozenset[str] = frozenset(),
 ) -> Match:
-    """Match checkpoint keys to model tensors; raise ``DistShardError`` on any inconsistency."""
+    """Match checkpoint keys to model tensors through ``rules`` (default: every key names a
+    model tensor, whole); raise ``DistShardError`` on any inconsistency.
+
+    ``tied`` maps a model key to the key it takes its value from (the model's tied-weights
+    declaration): a key the checkpoint lacks is then read from its source's tensors.
+    ``initializable``: the missing keys a non-strict load would initialise (for the advice of
+    the strict error)."""
     by_name = {f.name: f for f in files}
     where = _locate_keys(files, weight_map)
-    needed: dict[str, dict] = {f.name: {} for f in files}
-    loaded, missing, tied_copies = [], [], []
+    checkpoint = {k: (by_name[f].tensors[k].shape, by_name[f].tensors[k].dtype)
+                  for k, f in where.items()}
+    model = {n: (t.shape, t.dtype) for t in targets for n in t.names}
+    try:
+        keymap = (rules or RegexRules()).map(checkpoint, model)
+    except ValueError as e:
+        raise DistShardError(f"the checkpoint's keys cannot be mapped onto the model: {e}") from None
+    conversion_of = {t: c for c in keymap.conversions for t in c.targets}
+    parts: dict[str, list[Part]] = {}
+    outputs: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+    loaded, missing, tied_copies, used = [], [], [], []
+    read_as = {}  # model key read -> its group's spec
     for target in targets:
-        present = [n for n in target.names if n in where]
+        present = [n for n in target.names if n in keymap.formed]
         if not present:
-            missing.extend(target.names)
             continue
-        source = present[0]  # tied names share one tensor: read it once
-        if len(present) > 1 and any(by_name[where[n]].kind == "safetensors" for n in present):
+        name = present[0]  # tied names share one tensor: read it once
+        if len(present) > 1 and any(by_name[where[s]].kind == "safetensors"
+                                    for n in present for s in keymap.sources_of(n)):
             tied_copies.append(tuple(present))
-        file = where[source]
-        info = by_name[file].tensors[source]
-        _check_compatible(file, source, info.shape, info.dtype, target)
-        needed[file][source] = info
+        if name in keymap.parts:
+            _check_parts(name, keymap.parts[name], target, checkpoint, where)
+            for p in keymap.parts[name]:
+                parts.setdefault(p.source, []).append(p)
+        else:
+            c = conversion_of[name]
+            _check_conversion(name, c, target, checkpoint, where)
+            outputs[name] = (target.shape, target.dtype)
+            if c not in used:
+                used.append(c)
+        read_as[name] = target
         loaded.extend(present)
-    model_keys = {n for t in targets for n in t.names}
-    unexpected = sorted(k for k in where if k not in model_keys)
-    missing.sort()
+    aliases = _aliases(targets, tied or {}, keymap, set(loaded), parts, checkpoint, where)
+    loaded.extend(aliases)
+    missing = sorted(n for t in targets for n in t.names if not set(t.names) & set(loaded))
+    unexpected = sorted(keymap.unexpected)
     if strict and (missing or unexpected):
-        raise DistShardError(_strict_message(missing, unexpected),
+        raise DistShardError(_strict_message(missing, unexpected, keymap, initializable),
                              key=(missing or unexpected)[0])
-    kept = tuple(dataclasses.replace(f, tensors=needed[f.name]) for f in files if needed[f.name])
+    sources = set(parts) | {k for c in used for k in c.sources}
+    kept = tuple(dataclasses.replace(f, tensors={k: t for k, t in f.tensors.items()
+                                                 if k in sources and where.get(k) == f.name})
+                 for f in files)
+    kept = tuple(f for f in kept if f.tensors)
+    conversions = tuple(dataclasses.replace(c, targets=tuple(t for t in c.targets if t in outputs))
+                        for c in used)
     return Match(kept, tuple(sorted(loaded)), tuple(missing), tuple(unexpected),
-                 tuple(tied_copies))
+                 tuple(tied_copies), {k: tuple(v) for k, v in parts.items()}, conversions,
+                 outputs, aliases, keymap)
+
+
+def _aliases(targets: Sequence[TargetSpec], tied: Mapping[str, str], keymap: KeyMap,
+             loaded: set[str], parts: dict[str, list[Part]], checkpoint, where) -> dict[str, str]:
+    """Tied keys the checkpoint lacks, read from the checkpoint tensors of the key they are
+    tied to (when the model holds them as separate tensors: sharded before it was tied)."""
+    aliases = {}
+    for target in targets:
+        if set(target.names) & loaded:
+            continue
+        for name in target.names:
+            source = tied.get(name)
+            if source is None or source not in keymap.parts:
+                continue
+            moved = [dataclasses.replace(p, target=name) for p in keymap.parts[source]]
+            _check_parts(name, tuple(moved), target, checkpoint, where)
+            for p in moved:
+                parts.setdefault(p.source, []).append(p)
+            aliases[name] = source
+            break
+    return aliases
 
 
 def _locate_keys(files: Sequence[FileInfo], weight_map: Mapping[str, str] | None) -> dict[str, str]:
@@ -109,25 +176,128 @@ def _locate_keys(files: Sequence[FileInfo], weight_map: Mapping[str, str] | None
     return {k: where[k] for k in weight_map}
 
 
-def _check_compatible(file: str, key: str, shape: tuple[int, ...], dtype: torch.dtype,
-                      target: TargetSpec) -> None:
+def _check_parts(name: str, parts: Sequence[Part], target: TargetSpec, checkpoint, where) -> None:
+    """The parts of ``name`` fill its shape exactly, from checkpoint tensors of a dtype that
+    can stand for the model's."""
+    if len(parts) == 1 and parts[0].box == parts[0].source_box:
+        p = parts[0]
+        if tuple(p.box[1]) != tuple(target.shape):
+            via = "" if p.source == name else f" (read as model key {name!r})"
+            raise DistShardError(
+                f"shape mismatch for key {p.source!r}{via}: the checkpoint has {list(p.box[1])}, "
+                f"the model expects {list(target.shape)}; build the model from the checkpoint's "
+                "config", file=where[p.source], key=p.source)
+    elif not tiles([p.box for p in parts], tuple(target.shape)) or (
+            sum(p.numel for p in parts) != volume(target.shape)):
+        sources = list(dict.fromkeys(p.source for p in parts))
+        raise DistShardError(
+            f"model key {name!r} of shape {list(target.shape)} cannot be formed from "
+            f"{len(sources)} checkpoint tensor(s) {sources[:4]}: their boxes "
+            f"{[list(p.box[1]) for p in parts[:4]]} do not fill it; build the model from the "
+            "checkpoint's config", file=where[sources[0]], key=sources[0])
+    for p in parts:
+        _check_dtype(where[p.source], p.source, checkpoint[p.source][1], name, target)
+
+
+def _check_conversion(name: str, c: Conversion, target: TargetSpec, checkpoint, where) -> None:
+    shape = c.shapes[c.targets.index(name)]
     if tuple(shape) != tuple(target.shape):
         raise DistShardError(
-            f"shape mismatch for key {key!r}: the checkpoint has {list(shape)}, the model "
-            f"expects {list(target.shape)}; build the model from the checkpoint's config",
-            file=file, key=key)
+            f"shape mismatch for model key {name!r}: the conversion {c.name} of "
+            f"{list(c.sources)[:4]} makes {list(shape)}, the model expects "
+            f"{list(target.shape)}; build the model from the checkpoint's config",
+            file=where[c.sources[0]], key=c.sources[0])
+    for source in c.sources:
+        _check_dtype(where[source], source, checkpoint[source][1], name, target)
+
+
+def _check_dtype(file: str, key: str, dtype: torch.dtype, name: str, target: TargetSpec) -> None:
+    via = "" if key == name else f" (forming model key {name!r})"
     if dtype_kind(dtype) != dtype_kind(target.dtype):
         raise DistShardError(
-            f"dtype mismatch for key {key!r}: the checkpoint holds {dtype}, which cannot stand "
-            f"for the model's {target.dtype} ({dtype_kind(dtype)} data for a "
+            f"dtype mismatch for key {key!r}{via}: the checkpoint holds {dtype}, which cannot "
+            f"stand for the model's {target.dtype} ({dtype_kind(dtype)} data for a "
             f"{dtype_kind(target.dtype)} tensor)", file=file, key=key)
+    if is_float8(dtype) and dtype != target.dtype:
+        raise DistShardError(
+            f"key {key!r}{via} holds {dtype} data (a quantized checkpoint); converting it to the "
+            f"model's {target.dtype} without its scales would give wrong values: build the model "
+            "for that format (transformers' quantization support), or load a checkpoint in the "
+            "model's dtype", file=file, key=key)
 
 
-def _strict_message(missing: list[str], unexpected: list[str]) -> str:
+def is_float8(dtype: torch.dtype) -> bool:
+    return "float8" in str(dtype) or "float4" in str(dtype)
+
+
+def _strict_message(missing: list[str], unexpected: list[str], keymap: KeyMap,
+                    initializable: frozenset[str]) -> str:
     parts = ["the checkpoint does not match the model (strict=True)"]
     if missing:
         parts.append(f"missing keys ({len(missing)}): {', '.join(missing)}")
     if unexpected:
         parts.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected)}")
-    parts.append("pass strict=False to load the keys that match and list the rest in the report")
+    parts += explain(missing, unexpected, keymap)
+    if missing and not set(missing) <= initializable:
+        parts.append("strict=False would not help: the missing keys would stay on the meta "
+                     "device (they have no initialisation distshard can run)")
+    elif missing:
+        parts.append("pass strict=False to initialise the missing keys as the model does (a new "
+                     "head), and leave the unexpected ones unread; the report lists both")
+    else:
+        parts.append("pass strict=False to leave the unexpected keys unread; the report lists them")
     return "; ".join(parts)
+
+
+def explain(missing: Sequence[str], unexpected: Sequence[str], keymap: KeyMap) -> list[str]:
+    """The nearest explanation of keys that do not match, and what to pass.
+
+    >>> explain(["model.a.w", "model.b.w"], ["a.w", "b.w"], KeyMap({}, (), (), {}))
+    ["every unexpected key is a missing key without the prefix 'model.': pass key_mapping={'^': 'model.'}"]
+    """
+    out = []
+    for pattern in keymap.unmatched_rules:
+        out.append(f"key_mapping pattern {pattern!r} matched no checkpoint key")
+    if missing and unexpected:
+        out += _prefix_hint(missing, unexpected)
+    return out
+
+
+def _prefix_hint(missing: Sequence[str], unexpected: Sequence[str]) -> list[str]:
+    gained = Counter(m[:-len(u)] for m in missing for u in unexpected
+                     if m.endswith("." + u) or (m.endswith(u) and m[:-len(u)].endswith(".")))
+    lost = Counter(u[:-len(m)] for m in missing for u in unexpected if u.endswith("." + m))
+    for counts, text in ((gained, "a missing key without the prefix {p!r}: pass "
+                                  "key_mapping={{'^': {p!r}}}"),
+                         (lost, "a missing key with the extra prefix {p!r}: pass "
+                                "key_mapping={{{q!r}: ''}}")):
+        if counts:
+            prefix, n = counts.most_common(1)[0]
+            share = "every" if n == len(unexpected) else f"{n} of {len(unexpected)}"
+            return [f"{share} unexpected key is " + text.format(p=prefix, q="^" + re.escape(prefix))]
+    return []
+
+
+def refuse_quantized(root: str, model) -> None:
+    """A checkpoint whose ``config.json`` declares a ``quantization_config`` holds quantized
+    data (and scales) that only a model built for that format reads correctly: refuse it for any
+    other model, naming the file and the method."""
+    path = os.path.join(root, "config.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return
+    quant = config.get("quantization_config") if isinstance(config, dict) else None
+    if not quant:
+        return
+    built = getattr(getattr(model, "config", None), "quantization_config", None) is not None or (
+        any(is_float8(p.dtype) or p.dtype in (torch.int8, torch.uint8)
+            for p in model.parameters()))
+    if not built:
+        method = quant.get("quant_method", "unknown") if isinstance(quant, dict) else "unknown"
+        raise DistShardError(
+            f"the checkpoint is quantized ({method}: 'quantization_config' in its config.json); "
+            "distshard does not dequantize, and loading its tensors into this model would give "
+            "wrong values: build the model for that format, or load an unquantized checkpoint",
+            file="config.json")

@@ -188,14 +188,43 @@ def test_non_strict_reports_keys_and_keeps_real_values(tmp_path):
     assert report.bytes_read == sum(v.numel() * v.element_size() for v in state.values()) - unexpected_bytes
 
 
+class NetWithGain(Net):
+    """A parameter of a module that has no initialisation of its own (no reset_parameters)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gain = torch.nn.Parameter(torch.ones(2))
+
+
 def test_non_strict_never_leaves_a_missing_meta_parameter_uninitialised(tmp_path):
+    write_safetensors(tmp_path, net_state())  # no "gain"
+    with init_empty_weights():
+        model = NetWithGain()
+    with pytest.raises(DistShardError, match=r"gain.*meta") as e:
+        distshard.load(model, tmp_path, strict=False)
+    assert all(p.is_meta for p in model.parameters())
+    with pytest.raises(DistShardError, match="strict=False would not help") as e:
+        distshard.load(model, tmp_path)
+    assert "pass strict=False" not in str(e.value)
+
+
+def test_non_strict_initialises_a_missing_meta_parameter_as_its_module_does(tmp_path):
+    """A new layer (nn.Linear on meta): its reset_parameters, from a seed rank 0 draws, so
+    torch.manual_seed makes it repeatable; listed as missing and initialized."""
     state = net_state()
     del state["b.weight"]
     write_safetensors(tmp_path, state)
-    model = meta_net()
-    with pytest.raises(DistShardError, match=r"b\.weight.*meta"):
-        distshard.load(model, tmp_path, strict=False)
-    assert all(p.is_meta for p in model.parameters())
+    values = []
+    for _ in range(2):
+        model = meta_net()
+        torch.manual_seed(3)
+        report = distshard.load(model, tmp_path, strict=False)
+        assert report.missing_keys == ["b.weight"] and report.initialized_keys == ["b.weight"]
+        assert torch.equal(model.a.weight, state["a.weight"])
+        values.append(model.b.weight.detach().clone())
+    assert torch.equal(values[0], values[1])
+    bound = 1 / 3 ** 0.5  # Linear(3, 2).reset_parameters: kaiming uniform, fan_in 3
+    assert values[0].abs().max() <= bound and values[0].std() > 0
 
 
 # --- bad input ----------------------------------------------------------------------------

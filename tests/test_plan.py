@@ -48,7 +48,7 @@ def test_a_tensor_larger_than_a_bucket_is_cut_into_runs_of_whole_rows():
                  tensors={"w": TensorInfo(torch.float32, (10, 3), 100)})  # 12-byte rows
     plan = make_plan([f], world_size=1, bucket_size=50)
     slots = [b.slots[0] for b in plan.buckets]
-    assert [(s.row, s.shape, s.begin, s.nbytes) for s in slots] == [
+    assert [(s.extent[0][0], s.shape, s.begin, s.nbytes) for s in slots] == [
         (0, (4, 3), 100, 48), (4, (4, 3), 148, 48), (8, (2, 3), 196, 24)]
 
 
@@ -85,13 +85,13 @@ def test_every_tensor_is_owned_once_and_the_load_is_balanced(layout, world_size,
     plan = make_plan(files, world_size, bucket_size)
     rows: dict[str, list[tuple[int, int]]] = {}
     tape = sorted(plan.buckets, key=lambda b: (b.file, b.slots[0].begin or 0, b.slots[0].key,
-                                               b.slots[0].row))
+                                               b.slots[0].first))
     assert [b.owner for b in tape] == sorted(b.owner for b in tape)  # one stretch per rank
     for b in plan.buckets:
         assert b.nbytes <= bucket_size or b.slots[0].shape[0] <= 1  # one row may exceed
         assert b.nbytes == b.slots[-1].offset + b.slots[-1].nbytes
         for s in b.slots:
-            rows.setdefault(s.key, []).append((s.row, s.shape[0]))
+            rows.setdefault(s.key, []).append((s.extent[0][0], s.shape[0]))
     for f in files:  # every row of every tensor exactly once
         for key, t in f.tensors.items():
             runs = sorted(rows.pop(key))

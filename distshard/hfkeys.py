@@ -1,0 +1,199 @@
+"""transformers' own key conversions, planned as boxes where they are boxes.
+
+For a transformers model the rules that put a checkpoint's keys onto the model are transformers':
+``get_model_conversion_mapping(model, key_mapping)`` (the conversions registered for the model and
+its sub-models, the legacy renames, a user's ``key_mapping``), applied key by key with
+``rename_source_key`` (renames, then at most one converter, then the base-model prefix added or
+stripped), in the order and with the fallback its own loader uses. None of those rules is copied
+here: a new architecture works as soon as transformers knows it.
+
+What distshard adds is a reading of each converter's operations as boxes
+(:mod:`distshard.keymap`): ``MergeModulelist`` is a stack, ``Concatenate`` a concatenation,
+``Chunk`` and ``Split`` slices. A group whose operations are all of these, and whose box reading
+names and shapes exactly what transformers' own ``convert`` gives on meta tensors, is read as
+byte ranges; any other (a transpose, a rope permutation, a model's own operation) becomes a
+:class:`~distshard.keymap.Conversion`, run by transformers' own ``convert`` on the sources read
+whole (:meth:`TransformersRules.convert`).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from .keymap import Conversion, Formed, KeyMap, MapBuilder, chunk_sizes, concat, leaf, split, stack
+
+__all__ = ["TransformersRules", "is_transformers_model"]
+
+Spec = tuple[tuple[int, ...], torch.dtype]
+
+
+def is_transformers_model(model: torch.nn.Module) -> bool:
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:
+        return False
+    return isinstance(model, PreTrainedModel)
+
+
+class TransformersRules:
+    """The conversions transformers applies when it loads a checkpoint into ``model``."""
+
+    def __init__(self, model: torch.nn.Module, key_mapping: Mapping[str, str] | None = None) -> None:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming
+
+        self.model = model
+        self.key_mapping = dict(key_mapping or {})
+        transforms = get_model_conversion_mapping(model, key_mapping=key_mapping or None)
+        self.renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+        self.converters = [t for t in transforms if isinstance(t, WeightConverter)]
+        self._user = self.renamings[:len(self.key_mapping)]  # listed first by transformers
+        self._by_pattern = {p: i for i, c in enumerate(self.converters) for p in c.source_patterns}
+
+    # --- planning (rank 0) ----------------------------------------------------------------
+
+    def map(self, checkpoint: Mapping[str, Spec], model: Mapping[str, Spec]) -> KeyMap:
+        """What each checkpoint key forms in ``model`` (keys -> (shape, dtype) on both sides)."""
+        from transformers.core_model_loading import dot_natural_key, rename_source_key
+
+        present = dict.fromkeys(model, True)  # rename_source_key asks .get(key) is not None
+        builder = MapBuilder(model)
+        groups: dict[str, tuple[int, dict[str, list[str]]]] = {}
+        for key in sorted(checkpoint, key=dot_natural_key):  # the order transformers collects in
+            target, pattern = rename_source_key(key, self.renamings, self.converters,
+                                                self.model.base_model_prefix, present)
+            if target not in present and key in present:  # transformers' own fallback
+                target, pattern = rename_source_key(key, [], [], self.model.base_model_prefix,
+                                                    present)
+            if pattern is None or target not in present:
+                builder.add(target, leaf(key, checkpoint[key][0]), key)
+                continue
+            _, collected = groups.setdefault(target, (self._by_pattern[pattern], {}))
+            collected.setdefault(pattern, []).append(key)
+        for layer, (index, collected) in groups.items():
+            self._plan_group(builder, layer, index, collected, checkpoint, model)
+        unmatched = tuple(k for k, t in zip(self.key_mapping, self._user) if not t.was_used())
+        return builder.build(unmatched)
+
+    def _plan_group(self, builder: MapBuilder, layer: str, index: int,
+                    collected: dict[str, list[str]], checkpoint: Mapping[str, Spec],
+                    model: Mapping[str, Spec]) -> None:
+        converter = self.converters[index]
+        keys = [k for ks in collected.values() for k in ks]
+        op = (index, layer, tuple((p, tuple(ks)) for p, ks in collected.items()))
+        expected = self._on_meta(op, checkpoint, model[layer][1])
+        formed = self._as_boxes(converter, layer, collected, checkpoint, model)
+        shapes = {k: checkpoint[k][0] for k in keys}
+        if formed is not None and {k: f.shape for k, f in formed.items()} == expected and all(
+                f.contiguous_sources(shapes) for f in formed.values()):
+            for target, f in formed.items():
+                builder.add(target, f, keys[0])
+            return
+        name = " + ".join(type(o).__name__ for o in converter.operations)
+        targets = tuple(t for t in expected if t in builder.model_keys)
+        builder.unexpected.extend(k for k in keys if not targets)
+        if targets:
+            builder.add_conversion(Conversion(targets, tuple(keys), name,
+                                              tuple(expected[t] for t in targets), op))
+
+    def _as_boxes(self, converter, layer: str, collected: dict[str, list[str]],
+                  checkpoint: Mapping[str, Spec], model: Mapping[str, Spec]) -> dict[str, Formed] | None:
+        """The group's operations read as boxes, under the names ``convert`` gives; None when
+        an operation is not a box."""
+        from transformers.core_model_loading import Chunk, Concatenate, MergeModulelist, Split
+
+        values: dict[str, Any] = {p: [leaf(k, checkpoint[k][0]) for k in ks]
+                                  for p, ks in collected.items()}
+        sources, targets = converter.source_patterns, converter.target_patterns
+        try:
+            for op in converter.operations:
+                kind = type(op)
+                if kind is MergeModulelist:
+                    n = len(values)
+                    values = {op.get_target_pattern(n, p, targets): stack(ts, op.dim)
+                              for p, ts in values.items()}
+                elif kind is Concatenate:
+                    items = [t for p in sources if p in values
+                             for t in (values[p] if isinstance(values[p], list) else [values[p]])]
+                    values = {op.get_target_pattern(targets): concat(items, op.dim)}
+                elif kind in (Chunk, Split) and len(values) == 1:
+                    (item,) = values.values()
+                    item = item[0] if isinstance(item, list) else item
+                    if kind is Chunk:
+                        names = op.get_target_patterns(targets, config=self.model.config)
+                        sizes = chunk_sizes(item.shape[op.dim], len(names))
+                    else:
+                        names = targets
+                        sizes = [model[layer.replace(targets[0], t)][0][op.dim] for t in names]
+                    values = dict(zip(names, split(item, op.dim, sizes)))
+                else:
+                    return None
+        except (ValueError, KeyError, IndexError):
+            return None
+        values = {k: (v[0] if isinstance(v, list) and len(v) == 1 else v) for k, v in values.items()}
+        if not all(isinstance(v, Formed) for v in values.values()):
+            return None
+        return {name: values[k] for k, name in _full_names(layer, values).items()}
+
+    def _on_meta(self, op, checkpoint: Mapping[str, Spec], dtype: torch.dtype) -> dict[str, tuple]:
+        """Names and shapes transformers' own ``convert`` gives the group, run on meta tensors."""
+        tensors = {k: torch.empty(checkpoint[k][0], dtype=_cast(checkpoint[k][1], dtype),
+                                  device="meta") for _, ks in op[2] for k in ks}
+        try:
+            out = self._run(op, tensors)
+        except Exception as e:
+            raise ValueError(
+                f"transformers' conversion {self._describe(op)} of {op[1]!r} cannot be planned: "
+                f"{type(e).__name__}: {e}") from None
+        return {k: tuple(v.shape) for k, v in out.items()}
+
+    def _describe(self, op) -> str:
+        converter = self.converters[op[0]]
+        return (f"{converter.source_patterns} -> {converter.target_patterns} "
+                f"({', '.join(type(o).__name__ for o in converter.operations)})")
+
+    # --- running a conversion (the rank that read its sources) -------------------------------
+
+    def convert(self, conversion: Conversion, tensors: Mapping[str, torch.Tensor]
+                ) -> dict[str, torch.Tensor]:
+        """transformers' own ``convert`` of ``conversion`` on its sources (checkpoint key ->
+        tensor, already in the model's dtype)."""
+        return self._run(conversion.op, tensors)
+
+    def _run(self, op, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        index, layer, collected = op
+        converter = copy.deepcopy(self.converters[index])
+        for pattern, keys in collected:
+            for key in keys:
+                converter.add_tensor(layer, key, pattern, tensors[key])
+        with torch.no_grad():
+            out = converter.convert(layer, model=self.model, config=self.model.config)
+        return {k: (v[0] if isinstance(v, list) else v) for k, v in out.items()}
+
+    # --- ties -------------------------------------------------------------------------------
+
+    def tied_sources(self) -> dict[str, str]:
+        """``{tied key: the key it takes its value from}``, as the model (and its config's
+        ``tie_word_embeddings``) declares them."""
+        expand = getattr(self.model, "get_expanded_tied_weights_keys", None)
+        return dict(expand(all_submodels=True)) if callable(expand) else {}
+
+
+def _cast(source: torch.dtype, target: torch.dtype) -> torch.dtype:
+    """transformers casts a floating source to the model's dtype before converting it."""
+    return target if source.is_floating_point and target.is_floating_point else source
+
+
+def _full_names(layer: str, values: Mapping[str, Any]) -> dict[str, str]:
+    """Pattern -> full key, as ``WeightConverter.convert`` expands the names its operations
+    return: the prefix and suffix around the first of them found in the layer's name."""
+    full = layer.replace("*.", "0.") if "*." in layer else layer
+    for k in values:
+        if k in full:
+            prefix, _, suffix = full.partition(k)
+            return {name: prefix + name + suffix for name in values}
+    return {name: name for name in values}
