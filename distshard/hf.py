@@ -41,14 +41,32 @@ ShardFn = Callable[[torch.nn.Module, Any], Any]
 def fsdp2_by_layer(model: torch.nn.Module, device_mesh) -> None:
     """FSDP2 as transformers' own FSDP plans it: ``fully_shard`` on every module whose class is
     in the model's ``_no_split_modules`` (the decoder / encoder layers), then on the root.
-    The default ``shard`` of :func:`from_pretrained` when only ``device_mesh`` is given."""
+    The default ``shard`` of :func:`from_pretrained` when only ``device_mesh`` is given.
+
+    Call it on a tied model: tied weights are then one parameter, which FSDP2 shards once and
+    keeps tied -- within one ``fully_shard`` unit, so a layer holding a weight tied to one
+    outside it (RoBERTa's embeddings, tied to its decoder) is left to the root's unit. Scalar
+    parameters (CLIP's ``logit_scale``), which ``fully_shard`` refuses, stay plain tensors,
+    replicated on every rank (loaded whole)."""
     from torch.distributed.fsdp import fully_shard
 
     layer_classes = set(getattr(model, "_no_split_modules", None) or ())
-    for module in model.modules():
-        if module is not model and type(module).__name__ in layer_classes:
-            fully_shard(module, mesh=device_mesh)
-    fully_shard(model, mesh=device_mesh)
+    scalars = {p for p in model.parameters() if p.dim() == 0}
+    holders: dict[int, set[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        for p in module._parameters.values():
+            if p is not None:
+                holders.setdefault(id(p), set()).add(name)
+    for name, module in model.named_modules():
+        if module is model or type(module).__name__ not in layer_classes:
+            continue
+        inside = (name, name + ".")
+        if any(not h.startswith(inside[1]) and h != inside[0]
+               for p in module.parameters() for h in holders[id(p)]):
+            continue  # a weight tied to one outside the layer: it stays in the root's unit
+        mine = {p for p in module.parameters() if p in scalars}
+        fully_shard(module, mesh=device_mesh, ignored_params=mine or None)
+    fully_shard(model, mesh=device_mesh, ignored_params=scalars or None)
 
 
 def from_pretrained(

@@ -18,6 +18,7 @@ whole (:meth:`TransformersRules.convert`).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Mapping
 from typing import Any
@@ -26,7 +27,7 @@ import torch
 
 from .keymap import Conversion, Formed, KeyMap, MapBuilder, chunk_sizes, concat, leaf, split, stack
 
-__all__ = ["TransformersRules", "is_transformers_model"]
+__all__ = ["TransformersRules", "is_transformers_model", "own_class"]
 
 Spec = tuple[tuple[int, ...], torch.dtype]
 
@@ -48,7 +49,8 @@ class TransformersRules:
 
         self.model = model
         self.key_mapping = dict(key_mapping or {})
-        transforms = get_model_conversion_mapping(model, key_mapping=key_mapping or None)
+        with _own_classes(model):
+            transforms = get_model_conversion_mapping(model, key_mapping=key_mapping or None)
         self.renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
         self.converters = [t for t in transforms if isinstance(t, WeightConverter)]
         self._user = self.renamings[:len(self.key_mapping)]  # listed first by transformers
@@ -181,6 +183,32 @@ class TransformersRules:
         ``tie_word_embeddings``) declares them."""
         expand = getattr(self.model, "get_expanded_tied_weights_keys", None)
         return dict(expand(all_submodels=True)) if callable(expand) else {}
+
+
+def own_class(module: torch.nn.Module) -> type:
+    """The module's class before ``fully_shard`` or ``replicate`` wrapped it
+    (``FSDPLlamaForCausalLM`` -> ``LlamaForCausalLM``)."""
+    return next((c for c in type(module).__mro__
+                 if not c.__module__.startswith("torch.distributed")), type(module))
+
+
+@contextlib.contextmanager
+def _own_classes(model: torch.nn.Module):
+    """transformers finds a model's conversions by class name; ``fully_shard`` (and
+    ``replicate``) give a wrapped module a class of their own (``FSDPLlamaForCausalLM``, a
+    subclass of ``LlamaForCausalLM``). While the lookup runs, each such module has its own class
+    back."""
+    swapped = []
+    for module in model.modules():
+        cls, own = type(module), own_class(module)
+        if own is not cls:
+            swapped.append((module, cls))
+            module.__class__ = own
+    try:
+        yield
+    finally:
+        for module, cls in swapped:
+            module.__class__ = cls
 
 
 def _cast(source: torch.dtype, target: torch.dtype) -> torch.dtype:

@@ -19,7 +19,7 @@ from . import _faults
 from .comm import Comm, failure_of
 from .distribute import Exchange, ImageLayout
 from .errors import DistShardError
-from .hfkeys import TransformersRules, is_transformers_model
+from .hfkeys import TransformersRules, is_transformers_model, own_class
 from .index import describe_file, find_checkpoint
 from .initialize import Initializer
 from .keymap import RegexRules
@@ -211,7 +211,7 @@ def load(
         converted_keys=list(outcome.converted_keys))
     if options.log_summary and comm.rank == 0:
         logger.info(report.summary())
-        _log_keys(report, type(model).__name__, outcome.root)
+        _log_keys(report, own_class(model).__name__, outcome.root)
     return report
 
 
