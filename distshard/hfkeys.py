@@ -106,7 +106,13 @@ class TransformersRules:
                   checkpoint: Mapping[str, Spec], model: Mapping[str, Spec]) -> dict[str, Formed] | None:
         """The group's operations read as boxes, under the names ``convert`` gives; None when
         an operation is not a box."""
-        from transformers.core_model_loading import Chunk, Concatenate, MergeModulelist, Split
+        from transformers.core_model_loading import (
+            Chunk,
+            Concatenate,
+            MergeModulelist,
+            Split,
+            Transpose,
+        )
 
         values: dict[str, Any] = {p: [leaf(k, checkpoint[k][0]) for k in ks]
                                   for p, ks in collected.items()}
@@ -122,9 +128,8 @@ class TransformersRules:
                     items = [t for p in sources if p in values
                              for t in (values[p] if isinstance(values[p], list) else [values[p]])]
                     values = {op.get_target_pattern(targets): concat(items, op.dim)}
-                elif kind in (Chunk, Split) and len(values) == 1:
-                    (item,) = values.values()
-                    item = item[0] if isinstance(item, list) else item
+                elif kind in (Chunk, Split):
+                    item = _single(values)
                     if kind is Chunk:
                         names = op.get_target_patterns(targets, config=self.model.config)
                         sizes = chunk_sizes(item.shape[op.dim], len(names))
@@ -132,7 +137,9 @@ class TransformersRules:
                         names = targets
                         sizes = [model[layer.replace(targets[0], t)][0][op.dim] for t in names]
                     values = dict(zip(names, split(item, op.dim, sizes)))
-                else:
+                elif kind is Transpose and op.check_dims and _single(values).shape == model[layer][0]:
+                    values = {op.get_target_pattern(values, sources, targets): _single(values)}
+                else:  # (a Transpose that transposes is not a box)
                     return None
         except (ValueError, KeyError, IndexError):
             return None
@@ -209,6 +216,14 @@ def _own_classes(model: torch.nn.Module):
     finally:
         for module, cls in swapped:
             module.__class__ = cls
+
+
+def _single(values: dict[str, Any]):
+    """The one value an operation on a single input gets."""
+    if len(values) != 1:
+        raise ValueError("more than one input")
+    (item,) = values.values()
+    return item[0] if isinstance(item, list) else item
 
 
 def _cast(source: torch.dtype, target: torch.dtype) -> torch.dtype:
