@@ -155,6 +155,27 @@ def _untied_case(name: str, path: str, mesh) -> list[str]:
         [f"missing {report.missing_keys}"] if report.missing_keys else [])
 
 
+def _read_once_case(name: str, path: str, mesh) -> list[str]:
+    """Fused experts are planned as byte ranges: replicated, the job reads every checkpoint
+    byte once; under FSDP2 each rank reads exactly the bytes of its own shards -- its own
+    experts' tensors -- straight into them (nothing is sent)."""
+    from safetensors import safe_open
+    from torch.distributed.tensor import DTensor
+
+    total = 0
+    for file in (f for f in os.listdir(path) if f.endswith(".safetensors")):
+        with safe_open(os.path.join(path, file), "pt") as f:
+            total += sum(torch.Size(f.get_slice(k).get_shape()).numel() * 4 for k in f.keys())
+    cls = auto_class(name)
+    model, report = distshard.from_pretrained(cls, path, device_mesh=mesh, return_report=True)
+    if mesh is None:
+        return [] if report.total_bytes_read == total else [
+            f"the job read {report.total_bytes_read} bytes of a {total}-byte checkpoint"]
+    own = sum(p.to_local().numel() * 4 for p in model.parameters() if isinstance(p, DTensor))
+    bad = [] if report.bytes_read == own else [f"read {report.bytes_read}, its shards hold {own}"]
+    return bad + ([f"received {report.bytes_received}"] if report.bytes_received else [])
+
+
 def _every_case(rank: int, world_size: int, paths: dict[str, str]) -> dict[str, list[str]]:
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -168,6 +189,9 @@ def _every_case(rank: int, world_size: int, paths: dict[str, str]) -> dict[str, 
                                                                           ("fsdp2", mesh))
               for case in FINETUNE]
     cases += [(f"untied {name}", _untied_case, name, mesh) for name in UNTIED]
+    cases += [(f"read once {mode} {name}", _read_once_case, name, m)
+              for mode, m in (("replicated", None), ("fsdp2", mesh))
+              for name in ("mixtral", "qwen3_moe")]
     out = {}
     for label, run, name, m in cases:
         try:
@@ -184,4 +208,4 @@ def test_the_zoo_loads_as_transformers_loads_it(paths):
     failed = {f"rank {rank} {label}": bad for rank, result in enumerate(results)
               for label, bad in result.items() if bad}
     assert not failed, "\n".join(f"{label}: {bad}" for label, bad in failed.items())
-    assert len(results[0]) == 2 * (len(ZOO) + 1) + 2 * len(FINETUNE) + len(UNTIED)
+    assert len(results[0]) == 2 * (len(ZOO) + 1) + 2 * len(FINETUNE) + len(UNTIED) + 4
