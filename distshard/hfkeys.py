@@ -50,7 +50,8 @@ class TransformersRules:
         self.model = model
         self.key_mapping = dict(key_mapping or {})
         with _own_classes(model):
-            transforms = get_model_conversion_mapping(model, key_mapping=key_mapping or None)
+            self.transforms = get_model_conversion_mapping(model, key_mapping=key_mapping or None)
+        transforms = self.transforms
         self.renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
         self.converters = [t for t in transforms if isinstance(t, WeightConverter)]
         self._user = self.renamings[:len(self.key_mapping)]  # listed first by transformers
@@ -182,6 +183,16 @@ class TransformersRules:
         with torch.no_grad():
             out = converter.convert(layer, model=self.model, config=self.model.config)
         return {k: (v[0] if isinstance(v, list) else v) for k, v in out.items()}
+
+    def used(self) -> tuple[int, ...]:
+        """The transforms that matched a checkpoint key in :meth:`map` (by position)."""
+        return tuple(i for i, t in enumerate(self.transforms) if t.was_used())
+
+    def record(self, used: tuple[int, ...]) -> None:
+        """Keep the transforms a load used on the model, as transformers' loader does: its
+        ``save_pretrained`` (and :func:`distshard.save`) then writes the layout that was loaded
+        back (a fused checkpoint stays fused; one tensor per expert stays so)."""
+        self.model._weight_conversions = [self.transforms[i] for i in used]
 
     # --- ties -------------------------------------------------------------------------------
 

@@ -97,6 +97,7 @@ class _Outcome:
     initialized_keys: tuple[str, ...] = ()  # every name of those groups
     converted_keys: tuple[str, ...] = ()  # made by a conversion of whole checkpoint tensors
     seed: int = 0  # of the new tensors' initialisation
+    used_conversions: tuple[int, ...] = ()  # transformers' transforms the mapping used
 
 
 def load(
@@ -197,6 +198,8 @@ def load(
                 f"another rank exited or did not answer within timeout={options.timeout}; "
                 "see its log") from e
         targets.commit(exchange.dests, target_device)
+        if isinstance(rules, TransformersRules):
+            rules.record(outcome.used_conversions)
     report = LoadReport(
         rank=comm.rank, world_size=comm.world_size, loaded_keys=list(outcome.loaded_keys),
         missing_keys=list(outcome.missing_keys), unexpected_keys=list(outcome.unexpected_keys),
@@ -252,6 +255,7 @@ def _plan(model, checkpoint, comm: Comm,
     topology = Topology.from_keys([row[1] for row in rows])
     if comm.rank == 0:
         root, match, initialized = found
+        used = rules.used() if isinstance(rules, TransformersRules) else ()
         readers = None
         if options.locality == "node":
             readers = [topology.ranks_on(n) for n in range(topology.num_nodes)]
@@ -264,7 +268,7 @@ def _plan(model, checkpoint, comm: Comm,
                            progress_wanted(0) if options.progress is None else options.progress,
                            tuple(initialized),
                            tuple(sorted(n for k in initialized for n in targets.by_name[k].names)),
-                           tuple(converted), int(torch.randint(2**62, ())))
+                           tuple(converted), int(torch.randint(2**62, ())), used)
     return targets, rules, comm.broadcast_object(outcome), topology
 
 

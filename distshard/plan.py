@@ -262,7 +262,7 @@ def _slots(key: str, t: TensorInfo, bucket_size: int,
 def _runs(p: Part, t: TensorInfo, bucket_size: int) -> list[Slot]:
     size = t.dtype.itemsize
     first = contiguous_start(p.source_box, t.shape)
-    (soff, ssize), (off, shape) = p.source_box, p.box
+    ssize, (off, shape) = p.source_box[1], p.box
     lead = next((k for k, n in enumerate(ssize) if n > 1), None)
     if p.numel * size <= bucket_size or lead is None:
         begin = None if t.begin is None else t.begin + first * size

@@ -24,6 +24,7 @@ from .index import SAFE_INDEX, SAFE_SINGLE
 from .loader import DEFAULT_TIMEOUT
 from .materialize import box_of
 from .plan import tiles, untiled
+from .savelayout import SavePiece, Saved, assemble, hub_layout, local_box, pieces_of
 from .shardfiles import (
     ShardLayout,
     TensorLayout,
@@ -48,23 +49,14 @@ logger = logging.getLogger("distshard")
 
 
 @dataclass(frozen=True, slots=True)
-class Piece:
-    """One distinct local box of a DTensor, and the rank that gives it to the file's writer
-    (the writer itself when it holds the box, else the lowest rank holding it)."""
-
-    offset: tuple[int, ...]
-    shape: tuple[int, ...]
-    src: int
-
-
-@dataclass(frozen=True, slots=True)
 class SavePlan:
-    """What rank 0 decides and broadcasts: the files, who writes each, and where every piece
-    of every DTensor comes from."""
+    """What rank 0 decides and broadcasts: the files, who writes each, what each saved tensor
+    is made of, and where every piece of it comes from."""
 
     layouts: tuple[ShardLayout, ...]
     writers: tuple[int, ...]
-    pieces: dict[str, tuple[Piece, ...]]  # DTensor keys only; plain tensors are replicated
+    saved: dict[str, Saved]
+    pieces: dict[str, tuple[SavePiece, ...]]
     token: str  # names this save's temporary files
 
     def files_of(self, rank: int) -> list[int]:
@@ -96,6 +88,7 @@ def save(
     max_shard_size: int | str = "5GB",
     group: dist.ProcessGroup | None = None,
     timeout: timedelta | float = DEFAULT_TIMEOUT,
+    layout: str = "hub",
 ) -> SaveReport:
     """Save the parameters and persistent buffers of ``model`` as a Hugging Face safetensors
     checkpoint in ``directory``, each file written by one rank, in parallel.
@@ -108,6 +101,13 @@ def save(
     holds the pieces of one file at a time. Tied weights are written once, under the name
     transformers keeps. A transformers model's config is written beside the weights.
 
+    ``layout="hub"`` (default) writes a transformers model as its ``save_pretrained`` does
+    (transformers' conversions reverted: fused experts as one tensor per expert, the
+    checkpoint's own names), so that transformers and every other reader of that layout load
+    the files; each saved tensor is gathered from just the boxes of the model tensors it holds
+    (see :mod:`distshard.savelayout`). ``layout="model"`` writes the model's own tensors. Any
+    other module is written as its own tensors either way.
+
     Files appear only whole (temporary name, fsync, rename), and the index last, after every
     rank agreed. Any failure raises the same :class:`DistShardError` on every rank and leaves no
     temporary file of this save; one before the renames (writing, checking, staging the config
@@ -118,13 +118,15 @@ def save(
         timeout = timedelta(seconds=timeout)
     if not isinstance(timeout, timedelta) or timeout.total_seconds() <= 0:
         raise ValueError(f"timeout must be a positive timedelta or seconds, got {timeout!r}")
+    if layout not in ("hub", "model"):
+        raise ValueError(f"layout must be 'hub' or 'model', got {layout!r}")
     comm = Comm(group, timeout, action="save")
     directory = os.path.abspath(os.fspath(directory))
     started = time.perf_counter()
     plan = None
     try:
-        tensors, plan = _plan(model, directory, limit, comm)
-        stats, written = _write(tensors, plan, directory, comm)
+        tensors, plan = _plan(model, directory, limit, comm, layout)
+        stats, written = _write(model, tensors, plan, directory, comm)
         _commit(model, plan, directory, written, comm)
     except DistShardError:
         _clean(directory, plan)
@@ -154,8 +156,8 @@ def _clean(directory: str, plan: SavePlan | None) -> None:
         remove_temporaries(directory, plan.token)
 
 
-def _plan(model: torch.nn.Module, directory: str, limit: int,
-          comm: Comm) -> tuple[dict[str, torch.Tensor], SavePlan]:
+def _plan(model: torch.nn.Module, directory: str, limit: int, comm: Comm,
+          layout: str) -> tuple[dict[str, torch.Tensor], SavePlan]:
     """Every rank lists what it saves and its DTensor boxes; rank 0 plans and makes the folder;
     all agree, then rank 0's plan is broadcast."""
     failure, tensors, signature, boxes = None, {}, 0, {}
@@ -177,7 +179,7 @@ def _plan(model: torch.nn.Module, directory: str, limit: int,
     plan, failure = None, None
     if comm.rank == 0:
         try:
-            plan = _make_plan(tensors, all_boxes, limit, comm.world_size)
+            plan = _make_plan(model, tensors, all_boxes, limit, comm.world_size, layout)
             os.makedirs(directory, exist_ok=True)
         except Exception as e:
             failure = failure_of(e, comm.rank, "plan")
@@ -230,40 +232,36 @@ def _matches(pattern: str, name: str) -> bool:
         return pattern == name
 
 
-def _make_plan(tensors: dict[str, torch.Tensor], all_boxes: list[dict] | None, limit: int,
-               world_size: int) -> SavePlan:
-    layouts = plan_shards(((k, t.dtype, tuple(t.shape)) for k, t in tensors.items()), limit)
+def _make_plan(model: torch.nn.Module, tensors: dict[str, torch.Tensor],
+               all_boxes: list[dict] | None, limit: int, world_size: int,
+               layout: str) -> SavePlan:
+    sharded = set(all_boxes[0]) if all_boxes else set()
+    for key in sharded:
+        _check_boxes(key, tuple(tensors[key].shape), [b.get(key) for b in all_boxes])
+    saved = hub_layout(model, tensors) if layout == "hub" else hub_layout(None, tensors)
+    layouts = plan_shards(((s.key, s.dtype, s.shape) for s in saved), limit)
     writers = assign_writers([s.size for s in layouts], world_size)
     writer_of = {t.key: writers[i] for i, s in enumerate(layouts) for t in s.tensors}
-    pieces = {}
-    for key in all_boxes[0] if all_boxes else ():
-        pieces[key] = _pieces(key, tuple(tensors[key].shape), [b.get(key) for b in all_boxes],
-                              writer_of[key])
-    return SavePlan(tuple(layouts), tuple(writers), pieces, new_token())
+    pieces = {s.key: pieces_of(s, all_boxes, writer_of[s.key], sharded) for s in saved}
+    return SavePlan(tuple(layouts), tuple(writers), {s.key: s for s in saved}, pieces,
+                    new_token())
 
 
-def _pieces(key: str, shape: tuple[int, ...], boxes: list, writer: int) -> tuple[Piece, ...]:
-    """One piece per distinct non-empty box; the boxes must cover the tensor exactly."""
-    holders: dict[tuple, list[int]] = {}
+def _check_boxes(key: str, shape: tuple[int, ...], boxes: list) -> None:
+    """Every rank holds a box of DTensor ``key``, and the distinct boxes cover it exactly."""
     for rank, box in enumerate(boxes):
         if box is None:
             raise DistShardError(f"key {key!r} is a DTensor on rank 0 but not on rank {rank}",
                                  key=key)
-        if nbytes_of(torch.uint8, box[1]) and box not in holders:
-            holders[box] = []
-        if box in holders:
-            holders[box].append(rank)
-    if not tiles(list(holders), shape):
+    if not tiles(list({b for b in boxes if nbytes_of(torch.uint8, b[1])}), shape):
         raise DistShardError(untiled(key, shape), key=key)
-    return tuple(Piece(off, shp, writer if writer in ranks else ranks[0])
-                 for (off, shp), ranks in holders.items())
 
 
-def _write(tensors: dict[str, torch.Tensor], plan: SavePlan, directory: str,
-           comm: Comm) -> tuple[list[list[int]], list[tuple[str, str]]]:
-    """In rounds, each rank writes its next file: one exchange sends every DTensor piece of the
-    round's files to their writers, then all writers write at once. A rank that failed keeps
-    taking part in the exchanges; all agree at the end."""
+def _write(model: torch.nn.Module, tensors: dict[str, torch.Tensor], plan: SavePlan,
+           directory: str, comm: Comm) -> tuple[list[list[int]], list[tuple[str, str]]]:
+    """In rounds, each rank writes its next file: one exchange sends every piece of the round's
+    files to their writers, then all writers write at once. A rank that failed keeps taking
+    part in the exchanges; all agree at the end."""
     failure, written = None, []
     bytes_written = bytes_sent = bytes_received = peak = 0
     files_by_rank = [plan.files_of(r) for r in range(comm.world_size)]
@@ -272,13 +270,14 @@ def _write(tensors: dict[str, torch.Tensor], plan: SavePlan, directory: str,
         for i in (files[step] for files in files_by_rank if step < len(files)):
             writer = plan.writers[i]
             for t in plan.layouts[i].tensors:
-                for piece in plan.pieces.get(t.key, ()):
+                for piece in plan.pieces[t.key]:
                     if piece.src == writer:
                         continue
                     if piece.src == comm.rank:
-                        sends.append((tensors[t.key].to_local().contiguous(), writer))
+                        sends.append((local_box(tensors[piece.key], piece.box), writer))
                     elif writer == comm.rank:
-                        buf = torch.empty(piece.shape, dtype=t.dtype, device=comm.device)
+                        buf = torch.empty(piece.box[1], dtype=tensors[piece.key].dtype,
+                                          device=comm.device)
                         recvs.append((buf, piece.src))
                         received[t.key, piece] = buf
         comm.exchange(sends, recvs)
@@ -289,13 +288,13 @@ def _write(tensors: dict[str, torch.Tensor], plan: SavePlan, directory: str,
         if step >= len(mine) or failure is not None:
             continue
         layout = plan.layouts[mine[step]]
+        groups: dict[int, dict[str, torch.Tensor]] = {}  # reverted conversions of this file
 
         def fill(fd: int, t: TensorLayout) -> None:
             nonlocal peak
-            value = tensors[t.key]
-            if isinstance(value, DTensor):
-                value = _assemble(value, plan.pieces[t.key], received, t.key, comm.rank)
-                peak = max(peak, staged + value.nbytes)
+            value = assemble(model, tensors, plan.saved[t.key], plan.pieces[t.key], received,
+                             comm.rank, groups)
+            peak = max(peak, staged + value.nbytes)
             write_all(fd, tensor_bytes(value))
 
         try:
@@ -307,15 +306,6 @@ def _write(tensors: dict[str, torch.Tensor], plan: SavePlan, directory: str,
                 f"cannot write {layout.name!r} in {directory!r}: {type(e).__name__}: {e}",
                 file=layout.name), comm.rank, "write")
     return comm.agree(failure, [bytes_written, bytes_sent, bytes_received, peak]), written
-
-
-def _assemble(value: DTensor, pieces: tuple[Piece, ...], received: dict, key: str,
-              rank: int) -> torch.Tensor:
-    full = torch.empty(tuple(value.shape), dtype=value.dtype, device="cpu")
-    for piece in pieces:
-        part = value.to_local() if piece.src == rank else received[key, piece]
-        full[tuple(slice(o, o + n) for o, n in zip(piece.offset, piece.shape))].copy_(part)
-    return full
 
 
 def _commit(model: torch.nn.Module, plan: SavePlan, directory: str,

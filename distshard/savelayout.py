@@ -1,0 +1,186 @@
+"""What ``distshard.save`` writes: each saved tensor, the boxes of model tensors it is made of,
+and, on its writer, the tensor made from those boxes.
+
+For a transformers model that is the layout transformers' ``save_pretrained`` writes (the hub
+layout): transformers' own ``revert_weight_conversion`` names the saved tensors and gives their
+shapes (run on meta tensors: no data), and the key mapping that loads that layout
+(:mod:`distshard.hfkeys`) says which box of which model tensor each one holds -- a fused expert
+tensor is saved as one tensor per expert, each the expert's box of it, so a writer gathers only
+those boxes. Where a model tensor is made by an operation that is not a box, its saved tensors
+are made by transformers' reverse operation on the whole model tensors (``group``). For any
+other module every model tensor is saved whole, under its own name. Planning is pure, apart
+from calling transformers on meta tensors; no collectives here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch.distributed.tensor import DTensor
+
+from .errors import DistShardError
+from .hfkeys import TransformersRules, is_transformers_model
+from .keymap import Box, contiguous_start, volume
+from .materialize import box_of
+from .plan import intersect
+
+__all__ = ["Saved", "SavePiece", "Source", "assemble", "hub_layout", "local_box", "pieces_of"]
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    """Box ``box`` of model tensor ``key`` fills box ``at`` of the saved tensor (contiguous in
+    it, the same elements in the same order); ``at`` is None for a whole input of a group."""
+
+    key: str
+    box: Box
+    at: Box | None
+
+
+@dataclass(frozen=True, slots=True)
+class Saved:
+    """One tensor of the saved checkpoint. ``group``: the index of the conversion whose
+    reverse makes it from its sources, whole (None: it is the boxes of ``sources``)."""
+
+    key: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    sources: tuple[Source, ...]
+    group: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SavePiece:
+    """Box ``box`` of model tensor ``key`` (a source of a saved tensor), which rank ``src``
+    gives the saved tensor's writer (the writer itself when it holds it)."""
+
+    source: int  # index into the saved tensor's sources
+    key: str
+    box: Box
+    src: int
+
+
+def _whole(shape: tuple[int, ...]) -> Box:
+    return (0,) * len(shape), tuple(shape)
+
+
+def hub_layout(model: torch.nn.Module, tensors: Mapping[str, torch.Tensor]) -> list[Saved]:
+    """The tensors to save for ``tensors`` (the model's, by name), in order."""
+    identity = [Saved(k, t.dtype, tuple(t.shape), (Source(k, _whole(tuple(t.shape)),
+                                                          _whole(tuple(t.shape))),))
+                for k, t in tensors.items()]
+    if not is_transformers_model(model):
+        return identity
+    from transformers.core_model_loading import revert_weight_conversion
+
+    meta = {k: torch.empty(t.shape, dtype=t.dtype, device="meta") for k, t in tensors.items()}
+    try:
+        hub = revert_weight_conversion(model, dict(meta))
+    except Exception as e:
+        raise DistShardError(f"transformers cannot name the tensors of {type(model).__name__} "
+                             f"in the layout it saves ({type(e).__name__}: {e}); pass "
+                             "layout='model' to save the model's own tensors") from e
+    if {k: tuple(v.shape) for k, v in hub.items()} == {k: tuple(t.shape) for k, t in meta.items()}:
+        return identity
+    specs = {k: (tuple(t.shape), t.dtype) for k, t in meta.items()}
+    keymap = TransformersRules(model).map({k: (tuple(v.shape), v.dtype) for k, v in hub.items()},
+                                          specs)
+    if keymap.unexpected or keymap.formed != set(meta):
+        raise DistShardError(
+            f"the layout transformers saves {type(model).__name__} in does not load back into "
+            f"it (unmatched: {sorted(keymap.unexpected)[:4]}, not formed: "
+            f"{sorted(set(meta) - keymap.formed)[:4]}); pass layout='model' to save the model's "
+            "own tensors")
+    sources: dict[str, list[Source]] = {}
+    for parts in keymap.parts.values():
+        for p in parts:
+            sources.setdefault(p.source, []).append(Source(p.target, p.box, p.source_box))
+    group_of = {}
+    for i, c in enumerate(keymap.conversions):
+        for k in c.sources:
+            group_of[k] = i
+            sources[k] = [Source(t, _whole(specs[t][0]), None) for t in c.targets]
+    out = []
+    for key, value in hub.items():
+        if key not in group_of and sum(volume(s.box[1]) for s in sources.get(key, ())) != volume(
+                value.shape):
+            raise DistShardError(f"saved tensor {key!r} is not filled by the model's tensors")
+        out.append(Saved(key, value.dtype, tuple(value.shape), tuple(sources[key]),
+                         group_of.get(key)))
+    return out
+
+
+def pieces_of(saved: Saved, boxes: list[dict[str, Box]] | None, writer: int,
+              sharded: set[str]) -> tuple[SavePiece, ...]:
+    """Where each source box of ``saved`` comes from: a plain (replicated) model tensor from the
+    writer's own copy; a DTensor from each distinct local shard that meets the box (``boxes``:
+    every rank's boxes), given by the writer when it holds that shard, else by its lowest
+    holder."""
+    out = []
+    for i, source in enumerate(saved.sources):
+        if source.key not in sharded:
+            out.append(SavePiece(i, source.key, source.box, writer))
+            continue
+        holders: dict[Box, list[int]] = {}
+        for rank, mine in enumerate(boxes):
+            box = intersect(mine[source.key], source.box)
+            if volume(box[1]):
+                holders.setdefault(box, []).append(rank)
+        out += [SavePiece(i, source.key, box, writer if writer in ranks else ranks[0])
+                for box, ranks in holders.items()]
+    return tuple(out)
+
+
+def local_box(value: torch.Tensor, box: Box) -> torch.Tensor:
+    """``box`` (global coordinates) of this rank's part of ``value``, contiguous."""
+    if isinstance(value, DTensor):
+        origin = box_of(value, "")[0]
+        value = value.to_local()
+    else:
+        origin = (0,) * value.dim()
+    region = tuple(slice(o - z, o - z + n) for o, n, z in zip(box[0], box[1], origin))
+    return value[region].contiguous()
+
+
+def assemble(model: torch.nn.Module, tensors: Mapping[str, torch.Tensor], saved: Saved,
+             pieces: tuple[SavePiece, ...], received: dict, rank: int,
+             groups: dict) -> torch.Tensor:
+    """Saved tensor ``saved``, on the CPU, on its writer: each source box filled from this
+    rank's own pieces and those received (``received[key, piece]``); a conversion's output made
+    by transformers' reverse operation on its sources, whole (cached in ``groups``)."""
+    key = saved.key
+    if saved.group is not None:
+        if saved.group not in groups:
+            whole = {s.key: _gather(tensors, saved, pieces, i, received, rank)
+                     for i, s in enumerate(saved.sources)}
+            from transformers.core_model_loading import revert_weight_conversion
+
+            groups[saved.group] = revert_weight_conversion(model, whole)
+        return groups[saved.group][key].to(saved.dtype)
+    if len(saved.sources) == 1 and saved.sources[0].at == saved.sources[0].box and not isinstance(
+            tensors[saved.sources[0].key], DTensor):
+        return tensors[saved.sources[0].key]  # a plain tensor saved whole: no copy
+    out = torch.empty(saved.shape, dtype=saved.dtype, device="cpu")
+    flat = out.reshape(-1)
+    for i, source in enumerate(saved.sources):
+        start = contiguous_start(source.at, saved.shape)
+        view = flat[start:start + volume(source.at[1])].view(source.box[1])
+        view.copy_(_gather(tensors, saved, pieces, i, received, rank))
+    return out
+
+
+def _gather(tensors: Mapping[str, torch.Tensor], saved: Saved, pieces: tuple[SavePiece, ...],
+            index: int, received: dict, rank: int) -> torch.Tensor:
+    """Source ``index`` of ``saved`` (its box of a model tensor), from its pieces."""
+    source, key = saved.sources[index], saved.key
+    pieces = [p for p in pieces if p.source == index]
+    if len(pieces) == 1 and pieces[0].box == source.box and pieces[0].src == rank:
+        return local_box(tensors[source.key], source.box).cpu()
+    out = torch.empty(source.box[1], dtype=tensors[source.key].dtype, device="cpu")
+    for p in pieces:
+        part = local_box(tensors[source.key], p.box) if p.src == rank else received[key, p]
+        out[tuple(slice(o - z, o - z + n) for o, n, z in zip(p.box[0], p.box[1],
+                                                              source.box[0]))].copy_(part)
+    return out

@@ -1,0 +1,122 @@
+"""Conversions that are not boxes, and the layout ``distshard.save`` writes.
+
+``TransposedLlama`` is registered with a conversion that transformers runs as an operation: its
+checkpoints (written by its own ``save_pretrained``) keep every MLP down projection transposed,
+under another name. Loaded on 2 gloo ranks, replicated and under FSDP2, those tensors take the
+conversion route (one rank reads the sources whole and runs transformers' operation) and the
+model equals transformers' ``from_pretrained``; saved back, the files are what transformers'
+``save_pretrained`` writes (the operation reverted). A Mixtral is saved as one tensor per expert,
+as ``save_pretrained`` writes it, from a replicated and from an FSDP2 model; one loaded from a
+fused checkpoint is saved fused (the conversions a load used are kept, as transformers keeps
+them).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
+
+import distshard
+from distshard.testing import run_ranks
+
+pytestmark = pytest.mark.multiprocess
+SMALL = dict(num_hidden_layers=2, hidden_size=32, intermediate_size=48, num_attention_heads=4,
+             num_key_value_heads=2, vocab_size=96)
+
+
+class TransposedLlama(LlamaForCausalLM):
+    """A Llama whose checkpoints keep each MLP down projection transposed, as ``weight_t``."""
+
+
+def _register() -> None:
+    from transformers.conversion_mapping import register_checkpoint_conversion_mapping
+    from transformers.core_model_loading import Transpose, WeightConverter
+
+    try:
+        register_checkpoint_conversion_mapping("TransposedLlama", [WeightConverter(
+            source_patterns=r"mlp\.down_proj\.weight_t", target_patterns="mlp.down_proj.weight",
+            operations=[Transpose(0, 1)])])
+    except ValueError:  # registered already in this process
+        pass
+
+
+_register()  # here, and in every spawned rank that imports this module
+
+
+def files_of(folder: str) -> dict[str, torch.Tensor]:
+    out = {}
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".safetensors"):
+            with safe_open(os.path.join(folder, name), "pt") as f:
+                out.update({k: f.get_tensor(k) for k in f.keys()})
+    return out
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("conversions")
+    torch.manual_seed(0)
+    out = {"transposed": str(root / "transposed"), "moe": str(root / "moe"),
+           "moe-fused": str(root / "moe-fused")}
+    TransposedLlama(LlamaConfig(**SMALL)).save_pretrained(out["transposed"], max_shard_size="40KB")
+    moe = MixtralForCausalLM(MixtralConfig(**SMALL, num_local_experts=4, num_experts_per_tok=2))
+    moe.save_pretrained(out["moe"], max_shard_size="40KB")  # one tensor per expert
+    moe._weight_conversions = []  # as if loaded from a fused checkpoint: saved as it is
+    moe.save_pretrained(out["moe-fused"], max_shard_size="40KB")
+    for case, cls in (("transposed", TransposedLlama), ("moe", MixtralForCausalLM),
+                      ("moe-fused", MixtralForCausalLM)):
+        out[case + "-resaved"] = str(root / (case + "-resaved"))
+        cls.from_pretrained(out[case]).save_pretrained(out[case + "-resaved"])
+    out["root"] = str(root)
+    return out
+
+
+def _ranks(rank: int, world_size: int, folders: dict[str, str]) -> dict[str, list[str]]:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor
+
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    mesh = init_device_mesh("cpu", (world_size,))
+    out = {}
+    for case, cls in (("transposed", TransposedLlama), ("moe", MixtralForCausalLM),
+                      ("moe-fused", MixtralForCausalLM)):
+        ref = cls.from_pretrained(folders[case])
+        for mode, m in (("replicated", None), ("fsdp2", mesh)):
+            bad = []
+            model, report = distshard.from_pretrained(cls, folders[case], device_mesh=m,
+                                                      return_report=True)
+            converted = sorted(k for k in report.converted_keys)
+            want = sorted(k for k in ref.state_dict() if "down_proj" in k)
+            if case == "transposed" and converted != want:
+                bad.append(f"converted {converted}, expected {want}")
+            if case != "transposed" and converted:
+                bad.append(f"converted {converted}: fused experts are boxes")
+            for key, value in sorted(ref.state_dict().items()):
+                got = model.state_dict()[key]
+                got = got.full_tensor() if isinstance(got, DTensor) else got
+                if not torch.equal(got, value):
+                    bad.append(f"{key} differs")
+            saved = os.path.join(folders["root"], f"{case}-{mode}-distshard")
+            distshard.save(model, saved, max_shard_size="40KB")
+            out[f"{case} {mode}"] = bad + [saved]
+    return out
+
+
+def test_conversions_load_and_save_as_transformers_does(folders):
+    results = run_ranks(_ranks, 2, folders, timeout=300)
+    problems = {label: r[:-1] for result in results for label, r in result.items() if r[:-1]}
+    assert not problems, problems
+    for label, result in results[0].items():
+        case = label.split()[0]
+        mine, theirs = files_of(result[-1]), files_of(folders[case + "-resaved"])
+        assert sorted(mine) == sorted(theirs), label
+        assert all(torch.equal(mine[k], theirs[k]) for k in theirs), label
+    keys = files_of(results[0]["moe fsdp2"][-1])
+    assert "model.layers.0.block_sparse_moe.experts.3.w2.weight" in keys  # one per expert
+    assert "model.layers.0.mlp.experts.gate_up_proj" in files_of(results[0]["moe-fused fsdp2"][-1])
+    assert "model.layers.1.mlp.down_proj.weight_t" in files_of(results[0]["transposed fsdp2"][-1])
