@@ -10,13 +10,15 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import sys
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 from .errors import DistShardError
 from .index import FileInfo, describe_file, find_checkpoint, safe_path
-from .loader import DEFAULT_BUCKET_SIZE
+from .loader import DEFAULT_BUCKET_SIZE, key_rules
+from .materialize import ModelTargets
 from .plan import make_plan
 from .reshard import reshard
 from .shardfiles import parse_size
@@ -55,16 +57,84 @@ def _summary(ckpt, files: list[FileInfo]) -> dict:
         consistent=True)
 
 
+def _mapping(ckpt, files: list[FileInfo], model_class: str | None) -> tuple[dict, object]:
+    """Per model tensor, the checkpoint tensors that form it, for the model the checkpoint's
+    ``config.json`` names (or ``model_class``), built on meta; and the match behind it (None
+    where there is no model to map onto)."""
+    config = os.path.join(ckpt.root, "config.json")
+    if model_class == "none" or not os.path.isfile(config):
+        return dict(model=None, why="no config.json" if model_class != "none" else "--model none"), None
+    try:
+        model = _meta_model(ckpt.root, model_class)
+    except ImportError:
+        return dict(model=None, why="transformers is not installed"), None
+    if model is None:
+        return dict(model=None, why="config.json names no architecture (pass --model)"), None
+    targets = ModelTargets(model)
+    rules = key_rules(model, None)
+    match = match_checkpoint(files, ckpt.weight_map, targets.specs(), strict=False, rules=rules,
+                             tied=rules.tied_sources() if hasattr(rules, "tied_sources") else {})
+    keymap = match.keymap
+    shapes = {k: t.shape for f in files for k, t in f.tensors.items()}
+    tensors = {}
+    for spec in targets.specs():
+        for name in spec.names:
+            sources = list(keymap.sources_of(name)) or (
+                list(keymap.sources_of(match.aliases[name])) if name in (match.aliases or {}) else [])
+            if not sources:
+                continue
+            parts = keymap.parts.get(name, ())
+            whole = len(parts) == 1 and parts[0].source_box[1] == tuple(shapes[sources[0]])
+            kind = ("conversion" if any(name in c.targets for c in keymap.conversions)
+                    else "tied" if name in (match.aliases or {})
+                    else "same" if whole and sources == [name]
+                    else "renamed" if whole else "slice" if len(parts) == 1 else "boxes")
+            tensors[name] = dict(kind=kind, sources=sources)
+    op = {t: c.name for c in keymap.conversions for t in c.targets}
+    for name, entry in tensors.items():
+        if name in op:
+            entry["operation"] = op[name]
+    return dict(model=type(model).__name__, tensors=tensors, missing=list(match.missing_keys),
+                unexpected=list(match.unexpected_keys)), match
+
+
+def _meta_model(root: str, model_class: str | None):
+    import transformers
+    from accelerate import init_empty_weights
+
+    config = transformers.AutoConfig.from_pretrained(root, local_files_only=True)
+    name = model_class or (getattr(config, "architectures", None) or [None])[0]
+    if name is None:
+        return None
+    cls = getattr(transformers, name, None)
+    if cls is None:
+        raise DistShardError(f"no transformers model class {name!r} for {root!r}; pass --model "
+                             "with a class name (LlamaForCausalLM, AutoModel, ...) or none",
+                             file="config.json")
+    with init_empty_weights():
+        model = (cls._from_config(config) if hasattr(cls, "_from_config")
+                 else cls.from_config(config))
+    model.tie_weights()
+    return model
+
+
 def _inspect(args) -> dict:
-    return _summary(*_describe(args.checkpoint))
+    ckpt, files = _describe(args.checkpoint)
+    return dict(_summary(ckpt, files), mapping=_mapping(ckpt, files, args.model)[0])
 
 
 def _plan(args) -> dict:
     ckpt, files = _describe(args.checkpoint)
+    mapping, match = _mapping(ckpt, files, args.model)
     per_node_ranks = args.world_size // args.nodes
     groups = [range(n * per_node_ranks, (n + 1) * per_node_ranks) for n in range(args.nodes)]
+    if match is not None:  # as the load reads: the tensors the model uses, as it forms them
+        files = list(match.files)
     plan = make_plan(files, args.world_size, args.bucket_size,
-                     groups if args.locality == "node" else None)
+                     groups if args.locality == "node" else None,
+                     parts=match.parts if match else None,
+                     conversions=match.conversions if match else (),
+                     outputs=match.outputs if match else None)
     per_rank = plan.bytes_per_rank()
     per_node = [sum(per_rank[r] for r in g) for g in groups]
     total = sum(t.nbytes for f in files for t in f.tensors.values())
@@ -82,7 +152,8 @@ def _plan(args) -> dict:
         replicated=dict(holds_per_node=total, holds_per_rank=total,
                         staging_per_rank=plan.bucket_size),
         sharded=dict(holds_per_rank=-(-total // args.world_size),
-                     staging_per_rank=2 * plan.bucket_size))
+                     staging_per_rank=2 * plan.bucket_size),
+        mapping=mapping)
 
 
 def _sha256(root: str, name: str) -> str:
@@ -136,6 +207,32 @@ def _print_summary(d: dict, verified: bool) -> None:
             print(f"  ok  {f['name']}  {_gb(f['bytes'])}, {f['tensors']} tensors{digest}")
 
 
+def _print_mapping(m: dict) -> None:
+    """The model tensors not read 1:1 under their own name: renamed, formed of several
+    checkpoint tensors (boxes), made by a conversion, or read from a tied key."""
+    if m["model"] is None:
+        print(f"mapping     none ({m['why']})")
+        return
+    kinds = Counter(e["kind"] for e in m["tensors"].values())
+    print(f"mapping     onto {m['model']}: {len(m['tensors'])} model tensors from the "
+          f"checkpoint ({', '.join(f'{n} {k}' for k, n in sorted(kinds.items()))}); "
+          f"{len(m['missing'])} missing, {len(m['unexpected'])} unused")
+    shown = [(k, e) for k, e in m["tensors"].items() if e["kind"] != "same"]
+    for key, e in shown[:MAPPING_LINES]:
+        sources = e["sources"]
+        text = ", ".join(sources[:2]) + (f", ... ({len(sources)} tensors)" if len(sources) > 2 else "")
+        how = e.get("operation", e["kind"])
+        print(f"  {key} <- {text}  [{how}]")
+    if len(shown) > MAPPING_LINES:
+        print(f"  ... {len(shown) - MAPPING_LINES} more (--json lists every tensor)")
+    for label in ("missing", "unexpected"):
+        if m[label]:
+            print(f"  {label}: {', '.join(m[label][:8])}" + (" ..." if len(m[label]) > 8 else ""))
+
+
+MAPPING_LINES = 12
+
+
 def _print_plan(d: dict) -> None:
     once = "once per job" if d["locality"] == "cluster" else "once per node"
     print(f"plan for {d['world_size']} rank(s) on {d['nodes']} node(s): {d['buckets']} buckets "
@@ -153,6 +250,7 @@ def _print_plan(d: dict) -> None:
           f"{_gb(d['replicated']['staging_per_rank'])} staging")
     print(f"sharded     each rank holds about {_gb(d['sharded']['holds_per_rank'])} "
           f"+ at most {_gb(d['sharded']['staging_per_rank'])} staging")
+    _print_mapping(d["mapping"])
 
 
 def _print_reshard(d: dict) -> None:
@@ -198,6 +296,9 @@ def _parser() -> argparse.ArgumentParser:
         c = sub.add_parser(name, help=text, description=text)
         c.add_argument("checkpoint", help="checkpoint folder or file")
         c.add_argument("--json", action="store_true", help="print one JSON object")
+        if name in ("inspect", "plan"):
+            c.add_argument("--model", help="transformers class to map the keys onto (default: "
+                           "the architecture in config.json; 'none': no mapping)")
         if name == "plan":
             c.add_argument("--world-size", type=_positive, required=True)
             c.add_argument("--nodes", type=_positive, default=1)
@@ -242,4 +343,6 @@ def main(argv: list[str] | None = None) -> int:
         _print_reshard(result)
     else:
         _print_summary(result, verified=args.command == "verify")
+        if "mapping" in result:
+            _print_mapping(result["mapping"])
     return 0

@@ -247,11 +247,6 @@ class KeyMap:
                 return c.sources
         return ()
 
-    def is_identity(self) -> bool:
-        """Whether every model tensor is one whole checkpoint tensor (renames at most)."""
-        return not self.conversions and all(
-            len(ps) == 1 and ps[0].box == ps[0].source_box for ps in self.parts.values())
-
 
 class RegexRules:
     """A user's ``key_mapping={pattern: replacement}`` for any module: each pattern, in order,

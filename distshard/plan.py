@@ -124,7 +124,7 @@ class LoadPlan:
     bucket_size: int
     files: tuple[PlannedFile, ...]
     buckets: tuple[Bucket, ...]
-    identity: bool = True  # every model tensor is one whole checkpoint tensor (renames at most)
+    identity: bool = True  # every model tensor is one run of one checkpoint tensor (a view of it)
 
     def bytes_per_rank(self) -> list[int]:
         """Bytes each rank reads from storage when it reads whole buckets."""
@@ -218,8 +218,11 @@ def make_plan(files: Sequence[FileInfo], world_size: int, bucket_size: int,
         for bucket, owner in zip(tape, owners):
             per_owner[group[owner]].append(dataclasses.replace(bucket, owner=group[owner]))
     planned = tuple(PlannedFile(f.name, f.kind, f.size, f.mtime_ns) for f in ordered)
-    identity = not conversions and all(
-        len(ps) == 1 and ps[0].box == ps[0].source_box for ps in (parts or {}).values())
+    formed: dict[str, int] = {}
+    for ps in (parts or {}).values():
+        for p in ps:
+            formed[p.target] = formed.get(p.target, 0) + 1
+    identity = not conversions and all(n == 1 for n in formed.values())
     return LoadPlan(world_size, bucket_size, planned, _interleave(per_owner), identity)
 
 

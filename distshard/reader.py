@@ -274,8 +274,8 @@ def _open_planned(root: str, f: PlannedFile) -> int:
 
 
 def map_files(root: str, plan: LoadPlan, buckets: list[Bucket]) -> dict[str, torch.Tensor]:
-    """Every tensor of ``buckets`` (safetensors, in the checkpoint's dtype) as a view of a
-    copy-on-write mapping of its file: the page cache's pages, shared by every process that maps
+    """Every tensor of ``buckets`` (safetensors, in the checkpoint's dtype; each one run of one
+    checkpoint tensor: the plan's ``identity``) as a view of a copy-on-write mapping of its file: the page cache's pages, shared by every process that maps
     the file, until this one writes a page (then that page is its own). The views keep their
     mapping alive. Rewriting the file in place (not by rename) while they live changes what they
     read, as with any mapped file."""
@@ -289,9 +289,9 @@ def map_files(root: str, plan: LoadPlan, buckets: list[Bucket]) -> dict[str, tor
         if bucket.file not in data:
             data[bucket.file] = _map_private(root, plan.file(bucket.file))
         for slot in bucket.slots:
-            if slot.key in out or slot.first != 0:
+            if slot.key in out or any(slot.extent[0]):
                 continue
-            parts = whole[slot.key]  # runs of one whole tensor, from its first element on
+            parts = whole[slot.key]  # runs of one contiguous part, from its first element on
             shape = tuple(max(s.extent[0][d] + s.shape[d] for s in parts)
                           for d in range(len(slot.shape)))
             nbytes = sum(s.nbytes for s in parts)

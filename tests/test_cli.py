@@ -141,3 +141,40 @@ def test_console_script_and_module_entry_points(checkpoints):
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr
         assert json.loads(proc.stdout)["format"] == "safetensors"
+
+
+@pytest.fixture(scope="module")
+def moe(tmp_path_factory) -> str:
+    """A Mixtral checkpoint as save_pretrained writes it: one tensor per expert."""
+    import torch
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    path = str(tmp_path_factory.mktemp("moe") / "mixtral")
+    torch.manual_seed(0)
+    MixtralForCausalLM(MixtralConfig(num_hidden_layers=2, hidden_size=16, intermediate_size=32,
+                                     num_attention_heads=2, num_key_value_heads=1, vocab_size=32,
+                                     num_local_experts=3)).save_pretrained(path)
+    return path
+
+
+def test_inspect_and_plan_show_the_checkpoint_tensors_that_form_each_model_tensor(moe, capsys):
+    code, d = run_json(capsys, "inspect", moe)
+    m = d["mapping"]
+    assert code == 0 and m["model"] == "MixtralForCausalLM" and not m["missing"]
+    fused = m["tensors"]["model.layers.1.mlp.experts.gate_up_proj"]
+    assert fused["kind"] == "boxes" and fused["sources"] == [
+        f"model.layers.1.block_sparse_moe.experts.{e}.{w}.weight" for w in ("w1", "w3")
+        for e in range(3)]
+    assert m["tensors"]["model.layers.0.mlp.gate.weight"] == dict(
+        kind="renamed", sources=["model.layers.0.block_sparse_moe.gate.weight"])
+    assert m["tensors"]["model.norm.weight"]["kind"] == "same"
+    code, plan = run_json(capsys, "plan", moe, "--world-size", "2")
+    assert code == 0 and plan["mapping"] == m and plan["job_read_bytes"] == d["tensor_bytes"]
+    assert main(["inspect", moe]) == 0
+    out = capsys.readouterr().out
+    assert "mapping     onto MixtralForCausalLM" in out
+    assert "model.layers.0.mlp.experts.down_proj <- " in out and "[boxes]" in out
+    code, d = run_json(capsys, "inspect", moe, "--model", "none")
+    assert d["mapping"] == dict(model=None, why="--model none")
+    code, d = run_json(capsys, "inspect", moe, "--model", "NoSuchModel")
+    assert code == 1 and "NoSuchModel" in d["error"]
