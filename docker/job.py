@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from typing import NoReturn
 
 import torch
@@ -64,14 +65,18 @@ def main() -> NoReturn:
     ok = replicated is None and sharded is None
     if rank == 0:
         print(report.summary(), flush=True)
-    print(f"distshard-job rank={rank} world={world} node={os.environ.get('GROUP_RANK')} "
+    line = (f"distshard-job rank={rank} world={world} node={os.environ.get('GROUP_RANK')} "
           f"local_rank={os.environ.get('LOCAL_RANK')} nodes={nodes} "
           f"tensors={len(report.loaded_keys)} bytes_read={report.bytes_read} "
           f"per_node_cluster={_csv(report.bytes_read_per_node)} "
           f"per_node_node={_csv(local.bytes_read_per_node)} "
           f"replicated={'bitwise-equal' if replicated is None else 'DIFFERS:' + replicated} "
           f"fsdp2={'bitwise-equal' if sharded is None else 'DIFFERS:' + sharded} "
-          f"(against single-process transformers from_pretrained)", flush=True)
+          "(against single-process transformers from_pretrained)\n")
+    # one write of the whole line (under PIPE_BUF: atomic), so that two ranks sharing the
+    # agent's stdout never interleave within a line (print writes the text and "\n" apart)
+    sys.stdout.write(line)
+    sys.stdout.flush()
     results = _all_gather(ok)
     end_job(0 if all(results) else 1)  # barrier, destroy the process group, exit
 
