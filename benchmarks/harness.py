@@ -15,10 +15,13 @@ __all__ = ["HEADER", "SIZES", "chart", "evict", "finish_block", "measure", "medi
 
 
 def sample_checkpoint(path: str | None, size: str) -> str:
-    """``path``, or a sample Llama-like checkpoint of ``size`` (written once, in 200 MB shards)."""
+    """``path``, or a sample checkpoint of ``size`` (written once, in 200 MB shards): Llama-like,
+    or Mixtral-like for the ``moe`` sizes (one tensor per expert, as ``save_pretrained`` writes
+    it)."""
     if path:
         return path
-    path = os.path.join(tempfile.gettempdir(), f"distshard-sample-llama-{size}")
+    family = "mixtral" if size.startswith("moe") else "llama"
+    path = os.path.join(tempfile.gettempdir(), f"distshard-sample-{family}-{size}")
     if not os.path.exists(os.path.join(path, "config.json")):
         print(f"writing a sample {size} checkpoint to {path} ...", flush=True)
         write_sample(path + ".partial", size, max_shard_size="200MB")

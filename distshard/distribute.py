@@ -213,11 +213,14 @@ class Exchange:
     def _read_into_image(self, reader: ShardReader, bucket: Bucket,
                          as_read: dict[int, torch.Tensor], j: int, keep: bool) -> None:
         """Read ``bucket`` into the image; keep it as read in ``as_read[j]`` too if ``keep``.
-        Straight into the image where every slot keeps its dtype and is contiguous there."""
+        Straight into the image where every slot keeps its dtype and is contiguous there (a
+        whole tensor, rows of one, an expert's box of a fused tensor), else through one staged
+        bucket."""
         layout, data = self.layout, self.image.data
-        if all(s.dtype == layout.dtype[s.key] for s in bucket.slots) and layout.run(bucket):
+        if not keep and all(s.dtype == layout.dtype[s.key] and layout.contiguous(s)
+                            for s in bucket.slots):  # each slot straight into its place
             reader.read_slots(bucket, [layout.slot_bytes(data, s) for s in bucket.slots])
-            return  # (such a bucket never crosses as read: keep is False)
+            return
         staged = torch.empty(bucket.nbytes, dtype=torch.uint8)  # one bucket per thread
         reader.read(bucket, staged)
         self._convert_into_image(bucket, staged)
@@ -628,6 +631,10 @@ class ImageLayout:
         size = self.dtype[slot.key].itemsize
         begin = self.offset[slot.key] + start * size
         return begin, begin + _numel(slot.shape) * size
+
+    def contiguous(self, slot: Slot) -> bool:
+        """Whether the slot's box is one run of bytes in the image."""
+        return self._slot_range(slot) is not None
 
     def _tensor_end(self, key: str) -> int:
         return self.offset[key] + _numel(self.shape[key]) * self.dtype[key].itemsize

@@ -16,18 +16,29 @@ SIZES = {  # name -> (hidden, layers, vocab): roughly 8 MB, 120 MB, 850 MB in fp
     "tiny": (128, 2, 2048),
     "small": (512, 8, 16384),
     "large": (1024, 16, 32000),
+    # Mixtral-like, 8 experts of 2 x hidden each: roughly 5 MB and 0.71 GB in fp32
+    "moe-tiny": (64, 2, 1024),
+    "moe": (640, 8, 8192),
 }
+EXPERTS = 8
 
 
 def write_sample(path: str, size: str = "small", max_shard_size: str = "20MB") -> str:
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """A sample checkpoint written by ``save_pretrained``: a Llama-like model, or for the
+    ``moe`` sizes a Mixtral-like one, which transformers saves as one tensor per expert."""
+    from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
 
     hidden, layers, vocab = SIZES[size]
-    config = LlamaConfig(hidden_size=hidden, intermediate_size=hidden * 3, num_hidden_layers=layers,
-                         num_attention_heads=8, num_key_value_heads=4, vocab_size=vocab,
-                         bos_token_id=0, eos_token_id=0)
+    common = dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=8,
+                  num_key_value_heads=4, vocab_size=vocab, bos_token_id=0, eos_token_id=0)
     torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(path, max_shard_size=max_shard_size)
+    if size.startswith("moe"):
+        model = MixtralForCausalLM(MixtralConfig(intermediate_size=hidden * 2,
+                                                 num_local_experts=EXPERTS,
+                                                 num_experts_per_tok=2, **common))
+    else:
+        model = LlamaForCausalLM(LlamaConfig(intermediate_size=hidden * 3, **common))
+    model.save_pretrained(path, max_shard_size=max_shard_size)
     return path
 
 
@@ -36,7 +47,8 @@ def ensure_checkpoint(path: str | None, size: str = "small") -> str:
     returns the same path."""
     if path:
         return path
-    path = os.path.join(tempfile.gettempdir(), f"distshard-sample-llama-{size}")
+    family = "mixtral" if size.startswith("moe") else "llama"
+    path = os.path.join(tempfile.gettempdir(), f"distshard-sample-{family}-{size}")
     if dist.get_rank() == 0 and not os.path.exists(os.path.join(path, "config.json")):
         print(f"writing a sample {size} checkpoint to {path} ...", flush=True)
         shutil.rmtree(path + ".partial", ignore_errors=True)

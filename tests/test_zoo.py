@@ -176,6 +176,28 @@ def _read_once_case(name: str, path: str, mesh) -> list[str]:
     return bad + ([f"received {report.bytes_received}"] if report.bytes_received else [])
 
 
+def _nodes_case(name: str, path: str, how: str) -> list[str]:
+    """Each rank its own simulated node: fused experts (boxes, not one run of the node image)
+    cross nodes as read; with ``locality="node"`` each node reads the whole checkpoint, also
+    under FSDP2; narrowed to bfloat16 on the way."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    os.environ["DISTSHARD_NODE"] = str(dist.get_rank())
+    try:
+        cls = auto_class(name)
+        dtype = torch.bfloat16 if how == "bf16" else None
+        mesh = init_device_mesh("cpu", (dist.get_world_size(),)) if how == "node-fsdp2" else None
+        model, report = distshard.from_pretrained(
+            cls, path, device_mesh=mesh, dtype=dtype, return_report=True,
+            locality="node" if how.startswith("node") else "cluster")
+        bad = _differences(model, cls.from_pretrained(path, dtype=dtype or "auto"))
+        if how != "node-fsdp2" and report.shared_copy != "shm":
+            bad.append(f"shared through {report.shared_copy}, not the node image")
+        return bad
+    finally:
+        del os.environ["DISTSHARD_NODE"]
+
+
 def _every_case(rank: int, world_size: int, paths: dict[str, str]) -> dict[str, list[str]]:
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -192,6 +214,8 @@ def _every_case(rank: int, world_size: int, paths: dict[str, str]) -> dict[str, 
     cases += [(f"read once {mode} {name}", _read_once_case, name, m)
               for mode, m in (("replicated", None), ("fsdp2", mesh))
               for name in ("mixtral", "qwen3_moe")]
+    cases += [(f"nodes {how} mixtral", _nodes_case, "mixtral", how)
+              for how in ("cluster", "bf16", "node", "node-fsdp2")]
     out = {}
     for label, run, name, m in cases:
         try:
@@ -208,4 +232,4 @@ def test_the_zoo_loads_as_transformers_loads_it(paths):
     failed = {f"rank {rank} {label}": bad for rank, result in enumerate(results)
               for label, bad in result.items() if bad}
     assert not failed, "\n".join(f"{label}: {bad}" for label, bad in failed.items())
-    assert len(results[0]) == 2 * (len(ZOO) + 1) + 2 * len(FINETUNE) + len(UNTIED) + 4
+    assert len(results[0]) == 2 * (len(ZOO) + 1) + 2 * len(FINETUNE) + len(UNTIED) + 4 + 4
