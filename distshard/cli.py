@@ -17,7 +17,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 from .errors import DistShardError
 from .index import FileInfo, describe_file, find_checkpoint, safe_path
-from .loader import DEFAULT_BUCKET_SIZE, key_rules
+from .keys import key_rules
+from .loader import DEFAULT_BUCKET_SIZE
 from .materialize import ModelTargets
 from .plan import make_plan
 from .reshard import reshard

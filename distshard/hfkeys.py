@@ -25,7 +25,17 @@ from typing import Any
 
 import torch
 
-from .keymap import Conversion, Formed, KeyMap, MapBuilder, chunk_sizes, concat, leaf, split, stack
+from .keymap import (
+    Conversion,
+    Formed,
+    KeyMap,
+    MapBuilder,
+    chunk_sizes,
+    concat,
+    leaf,
+    split,
+    stack,
+)
 
 __all__ = ["TransformersRules", "is_transformers_model", "own_class"]
 

@@ -19,10 +19,9 @@ from . import _faults
 from .comm import Comm, failure_of
 from .distribute import Exchange, ImageLayout
 from .errors import DistShardError
-from .hfkeys import TransformersRules, is_transformers_model, own_class
-from .index import describe_file, find_checkpoint
+from .hfkeys import TransformersRules, own_class
 from .initialize import Initializer
-from .keymap import RegexRules
+from .keys import converter, key_rules, log_keys, match_model
 from .materialize import ModelTargets
 from .plan import LoadPlan, make_plan, tiles, untiled
 from .progress import JobProgress, progress_wanted
@@ -30,7 +29,6 @@ from .reader import ShardReader
 from .report import LoadReport, PeakMemorySampler
 from .shm import SHM_DIR, NodeImage
 from .topology import Topology, node_key, node_name
-from .validate import match_checkpoint, refuse_quantized
 
 __all__ = ["DEFAULT_BUCKET_SIZE", "LoadOptions", "load"]
 
@@ -214,21 +212,8 @@ def load(
         converted_keys=list(outcome.converted_keys))
     if options.log_summary and comm.rank == 0:
         logger.info(report.summary())
-        _log_keys(report, own_class(model).__name__, outcome.root)
+        log_keys(report, own_class(model).__name__, outcome.root)
     return report
-
-
-def _log_keys(report: LoadReport, model_name: str, root: str) -> None:
-    """As transformers reports a load: new weights as a warning, unused checkpoint keys."""
-    if report.initialized_keys:
-        logger.warning(
-            "distshard: some weights of %s were not in the checkpoint at %s and are newly "
-            "initialized (the same on every rank): %s; you should probably train this model on "
-            "a down-stream task before using it", model_name, root, report.initialized_keys)
-    if report.unexpected_keys:
-        logger.info("distshard: %d checkpoint tensor(s) at %s are not used by %s and were not "
-                    "read: %s", len(report.unexpected_keys), root, model_name,
-                    report.unexpected_keys)
 
 
 def _plan(model, checkpoint, comm: Comm,
@@ -242,7 +227,7 @@ def _plan(model, checkpoint, comm: Comm,
         signature = targets.signature()
         rules = key_rules(model, options.key_mapping)
         if comm.rank == 0:
-            found = _validate(checkpoint, model, targets, rules, options)
+            found = match_model(checkpoint, model, targets, rules, options.strict)
     except Exception as e:
         failure = failure_of(e, comm.rank, "validate")
     rows = comm.agree(failure, [signature, node_key(node_name())])
@@ -270,38 +255,6 @@ def _plan(model, checkpoint, comm: Comm,
                            tuple(sorted(n for k in initialized for n in targets.by_name[k].names)),
                            tuple(converted), int(torch.randint(2**62, ())), used)
     return targets, rules, comm.broadcast_object(outcome), topology
-
-
-def key_rules(model: torch.nn.Module, key_mapping: dict[str, str] | None):
-    """The rules that map a checkpoint's keys onto ``model``: transformers' own for a
-    transformers model, else ``key_mapping`` alone."""
-    if is_transformers_model(model):
-        return TransformersRules(model, key_mapping)
-    return RegexRules(key_mapping)
-
-
-def _validate(checkpoint, model, targets: ModelTargets, rules, options: LoadOptions):
-    ckpt = find_checkpoint(checkpoint)
-    refuse_quantized(ckpt.root, model)
-    files = [describe_file(ckpt.root, name, ckpt.kind) for name in ckpt.files]
-    initializer = Initializer(model)
-    hf = is_transformers_model(model)
-    missing_names = [t.names[0] for t in targets.specs()]
-    initializable = targets.initializable(missing_names, initializer)
-    tied = rules.tied_sources() if hasattr(rules, "tied_sources") else {}
-    match = match_checkpoint(files, ckpt.weight_map, targets.specs(), strict=options.strict,
-                             rules=rules, tied=tied, initializable=initializable)
-    for names in match.tied_copies:
-        logger.warning(
-            "distshard: the checkpoint holds %s as separate tensors, but the model ties them: "
-            "%r is loaded into all of them (transformers leaves such weights untied when the "
-            "copies differ; untie them in the model, or drop the extra copies, if they do)",
-            " and ".join(map(repr, names)), names[0])
-    missing = set(match.missing_keys)
-    initialized = [t.names[0] for t in targets.specs()
-                   if set(t.names) <= missing and t.names[0] in initializable
-                   and (hf or targets.by_name[t.names[0]].tensor.device.type == "meta")]
-    return ckpt.root, match, initialized
 
 
 def _allocate(targets: ModelTargets, outcome: _Outcome, topology: Topology, comm: Comm,
@@ -401,7 +354,7 @@ def _distribute(targets: ModelTargets, rules, outcome: _Outcome, dests, comm: Co
             if not tiles([b[key] for b in boxes], shape):
                 raise DistShardError("distshard: " + untiled(key, shape), key=key)
         reader = ShardReader(outcome.root, outcome.plan, on_read=progress.advance,
-                             convert=_converter(rules, targets))
+                             convert=converter(rules, targets))
         exchange = Exchange(comm, outcome.plan, reader, dests, boxes,
                             read_own_slices=options.read_own_slices, image=image, layout=layout,
                             topology=topology, node_local=options.locality == "node",
@@ -415,19 +368,6 @@ def _distribute(targets: ModelTargets, rules, outcome: _Outcome, dests, comm: Co
             image.close()
     comm.agree(failure, [])
     return exchange
-
-
-def _converter(rules, targets: ModelTargets):
-    """Runs a conversion as transformers does: floating sources cast to the dtype of the first
-    model tensor it makes, then the operation, then each result in its tensor's dtype."""
-    def convert(conversion, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        dtype = targets.target_dtype(targets.by_name[conversion.targets[0]].tensor)
-        cast = {k: v.to(dtype) if v.is_floating_point() and dtype.is_floating_point else v
-                for k, v in tensors.items()}
-        made = rules.convert(conversion, cast)
-        return {k: v.to(targets.target_dtype(targets.by_name[k].tensor))
-                for k, v in made.items() if k in targets.by_name}
-    return convert
 
 
 def _prepare_commit(targets: ModelTargets, outcome: _Outcome, comm: Comm, exchange: Exchange,

@@ -24,7 +24,7 @@ from .index import SAFE_INDEX, SAFE_SINGLE
 from .loader import DEFAULT_TIMEOUT
 from .materialize import box_of
 from .plan import tiles, untiled
-from .savelayout import SavePiece, Saved, assemble, hub_layout, local_box, pieces_of
+from .savelayout import Saved, SavePiece, assemble, hub_layout, local_box, pieces_of
 from .shardfiles import (
     ShardLayout,
     TensorLayout,
