@@ -138,13 +138,17 @@ def _aliases(targets: Sequence[TargetSpec], tied: Mapping[str, str], keymap: Key
              loaded: set[str], parts: dict[str, list[Part]], checkpoint, where) -> dict[str, str]:
     """Tied keys the checkpoint lacks, read from the checkpoint tensors of the key they are
     tied to (when the model holds them as separate tensors: sharded before it was tied)."""
+    group_of = {n: t for t in targets for n in t.names}
     aliases = {}
     for target in targets:
         if set(target.names) & loaded:
             continue
         for name in target.names:
             source = tied.get(name)
-            if source is None or source not in keymap.parts:
+            # the checkpoint may hold the source under another name of its own tied group
+            source = next((n for n in group_of[source].names if n in keymap.parts),
+                          None) if source in group_of else None
+            if source is None:
                 continue
             moved = [dataclasses.replace(p, target=name) for p in keymap.parts[source]]
             _check_parts(name, tuple(moved), target, checkpoint, where)
