@@ -16,7 +16,7 @@ SIZES = {  # name -> (hidden, layers, vocab): roughly 8 MB, 120 MB, 850 MB in fp
     "tiny": (128, 2, 2048),
     "small": (512, 8, 16384),
     "large": (1024, 16, 32000),
-    # Mixtral-like, 8 experts of 2 x hidden each: roughly 5 MB and 0.71 GB in fp32
+    # Mixtral-like, 8 experts of 2 x hidden each: roughly 2.2 MB and 0.71 GB in fp32
     "moe-tiny": (64, 2, 1024),
     "moe": (640, 8, 8192),
 }

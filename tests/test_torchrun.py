@@ -40,3 +40,20 @@ def test_demo_on_four_ranks_prints_the_report(checkpoints):
 def test_launch_example_runs_under_torchrun(checkpoints, script, case, expect):
     out = torchrun(script, 2, "--checkpoint", checkpoints[case])
     assert expect in out, out
+
+
+def test_moe_example_reads_only_each_ranks_own_experts(tmp_path):
+    """The sample Mixtral-like checkpoint (written by the example with save_pretrained): each of
+    2 ranks holds 4 of the 8 experts, read half of the bytes itself, and received none."""
+    env = dict(os.environ, TMPDIR=str(tmp_path), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(EXAMPLES / "moe.py")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=DEADLINE, env=env)
+    assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr[-5000:]}"
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("rank ")]
+    assert len(lines) == 2 and "one FSDP2 step done" in proc.stdout, proc.stdout
+    for line in lines:
+        assert "experts 4 of 8" in line and "received 0 bytes" in line, line
+        read, total = (int(n.replace(",", "")) for n in line.split(" read ")[1].split(" bytes")[0]
+                       .split(" of "))
+        assert abs(read - total / 2) <= 0.05 * total / 2, line
