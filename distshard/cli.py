@@ -69,6 +69,14 @@ def _mapping(ckpt, files: list[FileInfo], model_class: str | None) -> tuple[dict
         model = _meta_model(ckpt.root, model_class)
     except ImportError:
         return dict(model=None, why="transformers is not installed"), None
+    except DistShardError:
+        raise
+    except Exception as e:  # a config.json transformers does not know (no or another model_type)
+        if model_class is not None:
+            raise DistShardError(f"cannot build {model_class} from {ckpt.root!r}: "
+                                 f"{type(e).__name__}: {e}", file="config.json") from None
+        return dict(model=None, why=f"config.json is not a transformers model's config "
+                                    f"({type(e).__name__}: {str(e).splitlines()[0][:200]})"), None
     if model is None:
         return dict(model=None, why="config.json names no architecture (pass --model)"), None
     targets = ModelTargets(model)

@@ -31,7 +31,7 @@ from .index import describe_file, find_checkpoint
 from .loader import DEFAULT_TIMEOUT, load
 from .report import LoadReport
 
-__all__ = ["fsdp2_by_layer", "from_pretrained"]
+__all__ = ["average_replicated_grads", "fsdp2_by_layer", "from_pretrained"]
 
 logger = logging.getLogger("distshard")
 
@@ -47,7 +47,9 @@ def fsdp2_by_layer(model: torch.nn.Module, device_mesh) -> None:
     keeps tied -- within one ``fully_shard`` unit, so a layer holding a weight tied to one
     outside it (RoBERTa's embeddings, tied to its decoder) is left to the root's unit. Scalar
     parameters (CLIP's ``logit_scale``), which ``fully_shard`` refuses, stay plain tensors,
-    replicated on every rank (loaded whole)."""
+    replicated on every rank (loaded whole); once the model is loaded,
+    :func:`average_replicated_grads` makes their gradients the mean over the mesh, as FSDP2
+    makes the others' (:func:`from_pretrained` calls it)."""
     from torch.distributed.fsdp import fully_shard
 
     layer_classes = set(getattr(model, "_no_split_modules", None) or ())
@@ -67,6 +69,28 @@ def fsdp2_by_layer(model: torch.nn.Module, device_mesh) -> None:
         mine = {p for p in module.parameters() if p in scalars}
         fully_shard(module, mesh=device_mesh, ignored_params=mine or None)
     fully_shard(model, mesh=device_mesh, ignored_params=scalars or None)
+
+
+def average_replicated_grads(model: torch.nn.Module, device_mesh) -> None:
+    """Give every plain (not DTensor) parameter of a model sharded by :func:`fsdp2_by_layer`
+    a hook that averages its gradient over ``device_mesh`` after each backward, as FSDP2 does
+    for the parameters it shards: without it, ranks that trained on different data would hold
+    different values after the first optimizer step. Call it after loading (the load replaces
+    parameters that were on meta, and their hooks with them)."""
+    from torch.distributed.tensor import DTensor
+
+    plain = [p for p in model.parameters() if not isinstance(p, DTensor) and p.requires_grad]
+    if not plain or device_mesh is None:
+        return
+    group = device_mesh.get_group() if device_mesh.ndim == 1 else device_mesh._flatten().get_group()
+    size = dist.get_world_size(group)
+
+    def average(param: torch.Tensor) -> None:
+        dist.all_reduce(param.grad, group=group)
+        param.grad.div_(size)
+
+    for p in plain:
+        p.register_post_accumulate_grad_hook(average)
 
 
 def from_pretrained(
@@ -122,6 +146,8 @@ def from_pretrained(
             failure = failure_of(e, comm.rank, "shard")
         comm.agree(failure, [])
     report = load(model, checkpoint, group=group, **load_kwargs)
+    if shard is fsdp2_by_layer:
+        average_replicated_grads(model, device_mesh)
     model.eval()
     return (model, report) if return_report else model
 

@@ -30,6 +30,7 @@ from .keymap import (
     Formed,
     KeyMap,
     MapBuilder,
+    MappingError,
     chunk_sizes,
     concat,
     leaf,
@@ -37,7 +38,7 @@ from .keymap import (
     stack,
 )
 
-__all__ = ["TransformersRules", "is_transformers_model", "own_class"]
+__all__ = ["TransformersRules", "is_transformers_model", "own_class", "own_classes"]
 
 Spec = tuple[tuple[int, ...], torch.dtype]
 
@@ -53,15 +54,19 @@ def is_transformers_model(model: torch.nn.Module) -> bool:
 class TransformersRules:
     """The conversions transformers applies when it loads a checkpoint into ``model``."""
 
-    def __init__(self, model: torch.nn.Module, key_mapping: Mapping[str, str] | None = None) -> None:
+    def __init__(self, model: torch.nn.Module, key_mapping: Mapping[str, str] | None = None,
+                 transforms: list | None = None) -> None:
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import WeightConverter, WeightRenaming
 
         self.model = model
-        self.key_mapping = dict(key_mapping or {})
-        with _own_classes(model):
-            self.transforms = get_model_conversion_mapping(model, key_mapping=key_mapping or None)
-        transforms = self.transforms
+        self.key_mapping = dict(key_mapping or {}) if transforms is None else {}
+        if transforms is None:  # else: given (those a load used), fresh copies of them
+            with own_classes(model):
+                transforms = get_model_conversion_mapping(model, key_mapping=key_mapping or None)
+        else:
+            transforms = copy.deepcopy(list(transforms))
+        self.transforms = transforms
         self.renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
         self.converters = [t for t in transforms if isinstance(t, WeightConverter)]
         self._user = self.renamings[:len(self.key_mapping)]  # listed first by transformers
@@ -166,9 +171,12 @@ class TransformersRules:
         try:
             out = self._run(op, tensors)
         except Exception as e:
-            raise ValueError(
-                f"transformers' conversion {self._describe(op)} of {op[1]!r} cannot be planned: "
-                f"{type(e).__name__}: {e}") from None
+            odd = _odd_one_out({k: checkpoint[k][0] for k in tensors}, op[2])
+            blame = f"; {odd!r} differs from the others in shape" if odd else ""
+            raise MappingError(
+                f"transformers' conversion {self._describe(op)} into {op[1]!r} cannot be "
+                f"planned from {len(tensors)} checkpoint tensor(s){blame}: "
+                f"{type(e).__name__}: {e}", odd or next(iter(tensors))) from None
         return {k: tuple(v.shape) for k, v in out.items()}
 
     def _describe(self, op) -> str:
@@ -221,7 +229,7 @@ def own_class(module: torch.nn.Module) -> type:
 
 
 @contextlib.contextmanager
-def _own_classes(model: torch.nn.Module):
+def own_classes(model: torch.nn.Module):
     """transformers finds a model's conversions by class name; ``fully_shard`` (and
     ``replicate``) give a wrapped module a class of their own (``FSDPLlamaForCausalLM``, a
     subclass of ``LlamaForCausalLM``). While the lookup runs, each such module has its own class
@@ -237,6 +245,19 @@ def _own_classes(model: torch.nn.Module):
     finally:
         for module, cls in swapped:
             module.__class__ = cls
+
+
+def _odd_one_out(shapes: Mapping[str, tuple[int, ...]], collected) -> str | None:
+    """Of tensors collected under one pattern (experts, say), the first whose shape is not the
+    most common one: the likeliest cause of a conversion that fails."""
+    for _, keys in collected:
+        counts: dict[tuple[int, ...], int] = {}
+        for k in keys:
+            counts[shapes[k]] = counts.get(shapes[k], 0) + 1
+        if len(counts) > 1:
+            common = max(counts, key=counts.get)
+            return next(k for k in keys if shapes[k] != common)
+    return None
 
 
 def _single(values: dict[str, Any]):

@@ -1,9 +1,10 @@
 """New weights: model tensors the checkpoint does not hold (a new head), initialised as the
 model initialises them, and identical on every rank.
 
-Every rank runs the same initialisation of the same tensors from the same seed (rank 0 draws it
-from its own generator, so ``torch.manual_seed`` on rank 0 makes it repeatable, and sends it with
-the plan; each module is seeded from it and the module's name). No byte moves, and every rank
+Every rank runs the same initialisation of the same tensors from the same seed (rank 0's
+``torch.initial_seed()``, so ``torch.manual_seed`` on rank 0 makes it repeatable; sent with the
+plan; each module is seeded from it and the module's name; no generator of the caller is
+advanced or reseeded). No byte moves, and every rank
 holds the same values: a DDP job needs no initial sync, and a sharded weight is consistent slices
 of one tensor (each rank makes the whole tensor on the CPU and keeps its box).
 
@@ -23,7 +24,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-__all__ = ["Initializer", "module_seed"]
+__all__ = ["Initializer", "module_seed", "unwritten"]
 
 
 def module_seed(seed: int, module_name: str) -> int:
@@ -52,15 +53,18 @@ class Initializer:
                    seed: int) -> dict[str, torch.Tensor]:
         """Initialise the attributes ``missing`` of ``module`` (attr -> (shape, dtype,
         is_param)) from ``seed``; return their values, whole, on the CPU. The module is left as
-        it was."""
+        it was. Elements the initialisation does not write (transformers would leave whatever
+        memory held there) are 0, the same on every rank: see :func:`unwritten`."""
         owner = self._hf_owner.get(module_name)
         run: Callable[[torch.nn.Module], object] = (
             owner._init_weights if owner is not None else type(module).reset_parameters)
         saved = dict(module._parameters), dict(module._buffers)
         try:
             _swap(module, missing)
+            # the CPU generator only (torch.manual_seed would reseed every CUDA device too), put
+            # back as it was: a load leaves the caller's random state alone
             with torch.random.fork_rng(devices=[]), torch.no_grad(), _guards():
-                torch.manual_seed(module_seed(seed, module_name))
+                torch.default_generator.manual_seed(module_seed(seed, module_name))
                 run(module)
             values = {}
             for attr, (_, _, is_param) in missing.items():
@@ -74,6 +78,18 @@ class Initializer:
         return values
 
 
+def unwritten(value: torch.Tensor) -> bool:
+    """Whether an initialised value had elements its initialisation did not write (left NaN);
+    they are set to 0 here."""
+    if not value.is_floating_point():
+        return False
+    holes = torch.isnan(value)
+    if not bool(holes.any()):
+        return False
+    value.masked_fill_(holes, 0)
+    return True
+
+
 def _swap(module: torch.nn.Module,
           missing: dict[str, tuple[tuple[int, ...], torch.dtype, bool]]) -> None:
     """Real, whole CPU tensors for the ``missing`` attributes; for the others, meta
@@ -82,7 +98,8 @@ def _swap(module: torch.nn.Module,
         for attr, old in list(table.items()):
             if attr in missing:
                 shape, dtype, _ = missing[attr]
-                new = torch.empty(shape, dtype=dtype)
+                # NaN where the initialisation writes nothing: found, and made 0, afterwards
+                new = torch.full(shape, float("nan") if dtype.is_floating_point else 0, dtype=dtype)
             elif old is None:
                 continue
             else:

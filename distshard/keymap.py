@@ -36,6 +36,7 @@ __all__ = [
     "Formed",
     "KeyMap",
     "MapBuilder",
+    "MappingError",
     "Part",
     "RegexRules",
     "concat",
@@ -211,6 +212,14 @@ def _dim(dim: int, rank: int) -> int:
     return dim % rank if rank else 0
 
 
+class MappingError(ValueError):
+    """Rules that cannot map a checkpoint; ``key``: the checkpoint key to blame, if one is."""
+
+    def __init__(self, message: str, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
+
+
 @dataclass(frozen=True, slots=True)
 class Conversion:
     """Model tensors ``targets`` computed from whole checkpoint tensors ``sources`` by an
@@ -314,8 +323,8 @@ class MapBuilder:
 
     def _claim(self, target: str, key: str) -> None:
         if target in self._by:
-            raise ValueError(f"checkpoint keys {self._by[target]!r} and {key!r} both form model "
-                             f"key {target!r}")
+            raise MappingError(f"checkpoint keys {self._by[target]!r} and {key!r} both form "
+                               f"model key {target!r}", key)
         self._by[target] = key
 
     def build(self, unmatched_rules: tuple[str, ...] = ()) -> KeyMap:

@@ -253,7 +253,7 @@ def _plan(model, checkpoint, comm: Comm,
                            progress_wanted(0) if options.progress is None else options.progress,
                            tuple(initialized),
                            tuple(sorted(n for k in initialized for n in targets.by_name[k].names)),
-                           tuple(converted), int(torch.randint(2**62, ())), used)
+                           tuple(converted), torch.initial_seed(), used)
     return targets, rules, comm.broadcast_object(outcome), topology
 
 
@@ -377,9 +377,14 @@ def _prepare_commit(targets: ModelTargets, outcome: _Outcome, comm: Comm, exchan
     try:
         _faults.check("materialize", comm.rank)
         if outcome.initialized:
-            new = targets.initialize(outcome.initialized, outcome.seed, device,
-                                     Initializer(targets.model))
+            new, holes = targets.initialize(outcome.initialized, outcome.seed, device,
+                                            Initializer(targets.model))
             exchange.dests = {**(exchange.dests or {}), **new}
+            if holes and comm.rank == 0:
+                logger.warning(
+                    "distshard: the model's initialisation does not write every element of %s "
+                    "(transformers would leave whatever memory held there); those elements are "
+                    "0 on every rank", holes)
         targets.check_complete(set(outcome.loaded_keys) | set(outcome.initialized_keys))
     except Exception as e:
         failure = failure_of(e, comm.rank, "materialize")

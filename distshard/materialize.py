@@ -14,7 +14,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from .errors import DistShardError
-from .initialize import Initializer
+from .initialize import Initializer, unwritten
 from .plan import Box, LoadPlan
 from .validate import TargetSpec
 
@@ -161,11 +161,12 @@ class ModelTargets:
         return frozenset(out)
 
     def initialize(self, names, seed: int, device: torch.device,
-                   initializer: Initializer) -> dict[str, torch.Tensor]:
+                   initializer: Initializer) -> tuple[dict[str, torch.Tensor], list[str]]:
         """This rank's value of each tensor group named (one name per group): initialised
         whole from ``seed`` on the CPU (the same on every rank), then its box, on ``device`` for
-        meta tensors (beside the current value for real ones)."""
-        out = {}
+        meta tensors (beside the current value for real ones). Also the names whose
+        initialisation left elements unwritten (made 0)."""
+        out, holes = {}, []
         for module_name, module, held in self._owners(names).values():
             missing = {attr: (tuple(t.tensor.shape), self.target_dtype(t.tensor), t.is_param)
                        for attr, t in held}
@@ -174,11 +175,13 @@ class ModelTargets:
                 value = values[attr]
                 if value is None:
                     continue
+                if unwritten(value):
+                    holes.append(target.names[0])
                 local = value[tuple(slice(o, o + n) for o, n in zip(*target.box))]
                 where = device if _is_meta(target.tensor) else (
                     target.tensor.to_local() if target.is_dtensor else target.tensor).device
                 out[target.names[0]] = local.to(where).contiguous()
-        return out
+        return out, holes
 
     def check_complete(self, loaded: set[str]) -> None:
         """Refuse to commit a model that would keep a tensor on meta."""

@@ -21,7 +21,7 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from .errors import DistShardError
-from .hfkeys import TransformersRules, is_transformers_model
+from .hfkeys import TransformersRules, is_transformers_model, own_classes
 from .keymap import Box, contiguous_start, volume
 from .materialize import box_of
 from .plan import intersect
@@ -77,7 +77,8 @@ def hub_layout(model: torch.nn.Module, tensors: Mapping[str, torch.Tensor]) -> l
 
     meta = {k: torch.empty(t.shape, dtype=t.dtype, device="meta") for k, t in tensors.items()}
     try:
-        hub = revert_weight_conversion(model, dict(meta))
+        with own_classes(model):  # transformers finds conversions by the model's own class
+            hub = revert_weight_conversion(model, dict(meta))
     except Exception as e:
         raise DistShardError(f"transformers cannot name the tensors of {type(model).__name__} "
                              f"in the layout it saves ({type(e).__name__}: {e}); pass "
@@ -85,8 +86,10 @@ def hub_layout(model: torch.nn.Module, tensors: Mapping[str, torch.Tensor]) -> l
     if {k: tuple(v.shape) for k, v in hub.items()} == {k: tuple(t.shape) for k, t in meta.items()}:
         return identity
     specs = {k: (tuple(t.shape), t.dtype) for k, t in meta.items()}
-    keymap = TransformersRules(model).map({k: (tuple(v.shape), v.dtype) for k, v in hub.items()},
-                                          specs)
+    # the rules that load this layout back: the transforms a load used (a user's key_mapping
+    # among them), which are those transformers reverted, else the model's own
+    rules = TransformersRules(model, transforms=getattr(model, "_weight_conversions", None))
+    keymap = rules.map({k: (tuple(v.shape), v.dtype) for k, v in hub.items()}, specs)
     if keymap.unexpected or keymap.formed != set(meta):
         raise DistShardError(
             f"the layout transformers saves {type(model).__name__} in does not load back into "

@@ -89,7 +89,9 @@ def match_checkpoint(
     try:
         keymap = (rules or RegexRules()).map(checkpoint, model)
     except ValueError as e:
-        raise DistShardError(f"the checkpoint's keys cannot be mapped onto the model: {e}") from None
+        key = getattr(e, "key", None)
+        raise DistShardError(f"the checkpoint's keys cannot be mapped onto the model: {e}",
+                             file=where.get(key), key=key) from None
     conversion_of = {t: c for c in keymap.conversions for t in c.targets}
     parts: dict[str, list[Part]] = {}
     outputs: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
@@ -295,9 +297,11 @@ def refuse_quantized(root: str, model) -> None:
     quant = config.get("quantization_config") if isinstance(config, dict) else None
     if not quant:
         return
-    built = getattr(getattr(model, "config", None), "quantization_config", None) is not None or (
-        any(is_float8(p.dtype) or p.dtype in (torch.int8, torch.uint8)
-            for p in model.parameters()))
+    # built for it: transformers gave the model a quantizer, or its tensors hold quantized
+    # dtypes (a config.json naming the method is not enough: from_config copies it blindly)
+    built = getattr(model, "hf_quantizer", None) is not None or any(
+        is_float8(t.dtype) or t.dtype in (torch.int8, torch.uint8)
+        for t in (*model.parameters(), *model.buffers()))
     if not built:
         method = quant.get("quant_method", "unknown") if isinstance(quant, dict) else "unknown"
         raise DistShardError(

@@ -178,3 +178,14 @@ def test_inspect_and_plan_show_the_checkpoint_tensors_that_form_each_model_tenso
     assert d["mapping"] == dict(model=None, why="--model none")
     code, d = run_json(capsys, "inspect", moe, "--model", "NoSuchModel")
     assert code == 1 and "NoSuchModel" in d["error"]
+
+
+def test_a_config_json_that_is_no_transformers_config_gives_no_mapping(checkpoints, tmp_path,
+                                                                        capsys):
+    path = shutil.copytree(checkpoints["llama"], tmp_path / "other")
+    (path / "config.json").write_text(json.dumps({"hidden": 32, "note": "not transformers'"}))
+    code, d = run_json(capsys, "inspect", str(path))
+    assert code == 0 and d["mapping"]["model"] is None, d
+    assert "not a transformers model's config" in d["mapping"]["why"]
+    code, d = run_json(capsys, "inspect", str(path), "--model", "LlamaForCausalLM")
+    assert code == 1 and "cannot build LlamaForCausalLM" in d["error"], d

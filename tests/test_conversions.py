@@ -8,7 +8,9 @@ model equals transformers' ``from_pretrained``; saved back, the files are what t
 ``save_pretrained`` writes (the operation reverted). A Mixtral is saved as one tensor per expert,
 as ``save_pretrained`` writes it, from a replicated and from an FSDP2 model; one loaded from a
 fused checkpoint is saved fused (the conversions a load used are kept, as transformers keeps
-them).
+them); one loaded with a user's ``key_mapping`` is saved with the checkpoint's own keys; and
+FSDP2 models built from their configs, never loaded, are saved with the keys ``save_pretrained``
+writes (GPT-NeoX's ``embed_out``, ViT's ``encoder.layer.*``).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import os
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
@@ -77,7 +80,60 @@ def folders(tmp_path_factory) -> dict[str, str]:
                       ("moe-fused", MixtralForCausalLM)):
         out[case + "-resaved"] = str(root / (case + "-resaved"))
         cls.from_pretrained(out[case]).save_pretrained(out[case + "-resaved"])
+    # a checkpoint whose keys a user's key_mapping fixes: saved back with the keys it had
+    out["renamed"] = str(root / "renamed")
+    LlamaForCausalLM(LlamaConfig(**SMALL)).save_pretrained(out["renamed"])
+    state = files_of(out["renamed"])
+    os.remove(os.path.join(out["renamed"], "model.safetensors"))
+    save_file({k.replace("model.", "transformer.", 1): v for k, v in state.items()},
+              os.path.join(out["renamed"], "model.safetensors"), metadata={"format": "pt"})
+    out["renamed-resaved"] = str(root / "renamed-resaved")
+    LlamaForCausalLM.from_pretrained(out["renamed"], key_mapping=RENAME).save_pretrained(
+        out["renamed-resaved"])
+    # a model built from its config, never loaded: saved as save_pretrained saves it
+    for arch, (config, cls) in FRESH.items():
+        out[f"fresh-{arch}"] = str(root / f"fresh-{arch}")
+        torch.manual_seed(0)
+        cls(config).save_pretrained(out[f"fresh-{arch}"])
     out["root"] = str(root)
+    return out
+
+
+RENAME = {r"^transformer\.": "model."}
+
+
+def _fresh():
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, ViTConfig, ViTModel
+
+    return {"gpt_neox": (GPTNeoXConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64,
+                                       num_attention_heads=4, vocab_size=96), GPTNeoXForCausalLM),
+            "vit": (ViTConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64,
+                              num_attention_heads=4, image_size=16, patch_size=8), ViTModel)}
+
+
+FRESH = _fresh()
+
+
+def _more(rank: int, world_size: int, folders: dict[str, str], mesh) -> dict[str, list[str]]:
+    """Saves after a load that used a key_mapping, and of FSDP2 models never loaded."""
+    from torch.distributed.fsdp import fully_shard
+
+    out = {}
+    model = distshard.from_pretrained(LlamaForCausalLM, folders["renamed"], device_mesh=mesh,
+                                      key_mapping=RENAME)
+    saved = os.path.join(folders["root"], "renamed-distshard")
+    distshard.save(model, saved)
+    out["renamed fsdp2"] = [saved]
+    for arch, (config, cls) in FRESH.items():
+        torch.manual_seed(0)  # the same values on every rank, and as the reference's
+        model = cls(config)
+        for module in model.modules():
+            if type(module).__name__ in (model._no_split_modules or ()):
+                fully_shard(module, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        saved = os.path.join(folders["root"], f"fresh-{arch}-distshard")
+        distshard.save(model, saved)
+        out[f"fresh-{arch} fsdp2"] = [saved]
     return out
 
 
@@ -109,7 +165,7 @@ def _ranks(rank: int, world_size: int, folders: dict[str, str]) -> dict[str, lis
             saved = os.path.join(folders["root"], f"{case}-{mode}-distshard")
             distshard.save(model, saved, max_shard_size="40KB")
             out[f"{case} {mode}"] = bad + [saved]
-    return out
+    return out | _more(rank, world_size, folders, mesh)
 
 
 def test_conversions_load_and_save_as_transformers_does(folders):
@@ -118,7 +174,8 @@ def test_conversions_load_and_save_as_transformers_does(folders):
     assert not problems, problems
     for label, result in results[0].items():
         case = label.split()[0]
-        mine, theirs = files_of(result[-1]), files_of(folders[case + "-resaved"])
+        theirs = files_of(folders[case if case.startswith("fresh") else case + "-resaved"])
+        mine = files_of(result[-1])
         assert sorted(mine) == sorted(theirs), label
         assert all(torch.equal(mine[k], theirs[k]) for k in theirs), label
     keys = files_of(results[0]["moe fsdp2"][-1])

@@ -147,3 +147,95 @@ def test_quantized_checkpoints_are_refused_never_dequantized_wrongly(tmp_path):
     assert report.unexpected_keys == ["blocks.0.proj.weight_scale_inv"]
     assert torch.equal(model.blocks[0].proj.weight.view(torch.uint8),
                        fp8["blocks.0.proj.weight"].view(torch.uint8))
+
+
+def _llama(tmp_path, **config):
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel
+
+    config = LlamaConfig(num_hidden_layers=1, hidden_size=16, intermediate_size=32,
+                         num_attention_heads=2, num_key_value_heads=1, vocab_size=32, **config)
+    torch.manual_seed(0)
+    LlamaModel(config).save_pretrained(tmp_path)
+    return config, LlamaForCausalLM
+
+
+def test_from_pretrained_refuses_a_quantized_checkpoint_too(tmp_path):
+    """Its model is built from the checkpoint's own config, which names the method: that alone
+    does not make a model built for the format."""
+    _llama(tmp_path)
+    with open(tmp_path / "config.json") as f:
+        config = json.load(f)
+    config["quantization_config"] = {"quant_method": "gptq", "bits": 4}
+    with open(tmp_path / "config.json", "w") as f:
+        json.dump(config, f)
+    from transformers import AutoModelForCausalLM
+
+    with pytest.raises(DistShardError, match=r"quantized \(gptq"):
+        distshard.from_pretrained(AutoModelForCausalLM, tmp_path)
+
+
+def test_a_load_leaves_the_callers_random_state_alone(tmp_path, monkeypatch):
+    """New weights come from rank 0's initial seed: no generator is advanced, and no CUDA
+    generator is reseeded (torch.manual_seed would reseed them all)."""
+    config, cls = _llama(tmp_path)
+    reseeded = []
+    heads = []
+    for _ in range(2):
+        torch.manual_seed(5)
+        with init_empty_weights():
+            model = cls(config)
+        with monkeypatch.context() as patch:  # any reseed of a CUDA generator during the load
+            patch.setattr(torch.cuda, "manual_seed_all", reseeded.append)
+            patch.setattr(torch.cuda, "manual_seed", reseeded.append)
+            report = distshard.load(model, tmp_path, strict=False)
+        assert report.initialized_keys == ["lm_head.weight"]
+        after = torch.rand(4)
+        torch.manual_seed(5)
+        assert torch.equal(after, torch.rand(4)), "the load advanced the generator"
+        heads.append(model.lm_head.weight.detach().clone())
+    assert torch.equal(heads[0], heads[1]) and not reseeded
+
+
+class LlamaWithGate(__import__("transformers").LlamaForCausalLM):
+    """A parameter the model's _init_weights does not know: transformers leaves it as memory
+    held; distshard makes it 0 on every rank and says so."""
+
+    def __init__(self, config) -> None:
+        super().__init__(config)
+        self.gate = torch.nn.Parameter(torch.ones(3))
+
+
+def test_new_weights_the_initialisation_does_not_write_are_zero_and_named(tmp_path, caplog):
+    config, _ = _llama(tmp_path)
+    with init_empty_weights():
+        model = LlamaWithGate(config)
+    caplog.set_level(logging.WARNING, logger="distshard")
+    report = distshard.load(model, tmp_path, strict=False)
+    assert report.initialized_keys == ["gate", "lm_head.weight"]
+    assert torch.equal(model.gate, torch.zeros(3))
+    assert "does not write every element of ['gate']" in caplog.text
+    assert not torch.isnan(model.lm_head.weight).any()
+
+
+def test_an_expert_of_the_wrong_shape_is_named_with_its_file(tmp_path):
+    """One tensor per expert, one of them misshapen: the error names that expert and its file,
+    and the model stays on meta."""
+    from safetensors.torch import load_file
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    config = MixtralConfig(num_hidden_layers=1, hidden_size=16, intermediate_size=32,
+                           num_attention_heads=2, num_key_value_heads=1, vocab_size=32,
+                           num_local_experts=3)
+    torch.manual_seed(0)
+    MixtralForCausalLM(config).save_pretrained(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    bad = "model.layers.0.block_sparse_moe.experts.1.w1.weight"
+    state[bad] = state[bad][:-1]
+    save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with init_empty_weights():
+        model = MixtralForCausalLM(config)
+    with pytest.raises(DistShardError, match=f"{bad.replace('.', '[.]')}' differs from the "
+                                             "others in shape") as e:
+        distshard.load(model, tmp_path)
+    assert e.value.key == bad and e.value.file == "model.safetensors"
+    assert all(p.is_meta for p in model.parameters())

@@ -198,6 +198,28 @@ def _nodes_case(name: str, path: str, how: str) -> list[str]:
         del os.environ["DISTSHARD_NODE"]
 
 
+def _scalar_grad_case(name: str, path: str, mesh) -> list[str]:
+    """CLIP under from_pretrained's FSDP2: the scalar ``logit_scale``, which ``fully_shard``
+    refuses, stays replicated, and its gradient is the mean over the ranks (as FSDP2 gives the
+    sharded ones), so the ranks stay in step through training."""
+    cls = auto_class(name)
+    model = distshard.from_pretrained(cls, path, device_mesh=mesh).train()
+    ref = cls.from_pretrained(path).train()
+    generator = torch.Generator().manual_seed(dist.get_rank())  # each rank its own data
+    batch = dict(input_ids=torch.randint(0, 96, (2, 8), generator=generator),
+                 pixel_values=torch.randn(2, 3, 16, 16, generator=generator), return_loss=True)
+    model(**batch).loss.backward()
+    ref(**batch).loss.backward()
+    mine, theirs = model.logit_scale.grad, ref.logit_scale.grad.clone()
+    dist.all_reduce(theirs)
+    rows = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(rows, mine)
+    bad = [] if all(torch.equal(r, rows[0]) for r in rows) else [f"grads differ: {rows}"]
+    if not torch.allclose(mine, theirs / dist.get_world_size(), rtol=1e-4, atol=1e-6):
+        bad.append(f"grad {mine}, the mean of the ranks' grads {theirs / dist.get_world_size()}")
+    return bad
+
+
 def _every_case(rank: int, world_size: int, paths: dict[str, str]) -> dict[str, list[str]]:
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -216,6 +238,7 @@ def _every_case(rank: int, world_size: int, paths: dict[str, str]) -> dict[str, 
               for name in ("mixtral", "qwen3_moe")]
     cases += [(f"nodes {how} mixtral", _nodes_case, "mixtral", how)
               for how in ("cluster", "bf16", "node", "node-fsdp2")]
+    cases += [("fsdp2 scalar grads clip", _scalar_grad_case, "clip", mesh)]
     out = {}
     for label, run, name, m in cases:
         try:
@@ -232,4 +255,4 @@ def test_the_zoo_loads_as_transformers_loads_it(paths):
     failed = {f"rank {rank} {label}": bad for rank, result in enumerate(results)
               for label, bad in result.items() if bad}
     assert not failed, "\n".join(f"{label}: {bad}" for label, bad in failed.items())
-    assert len(results[0]) == 2 * (len(ZOO) + 1) + 2 * len(FINETUNE) + len(UNTIED) + 4 + 4
+    assert len(results[0]) == 2 * (len(ZOO) + 1) + 2 * len(FINETUNE) + len(UNTIED) + 4 + 4 + 1
