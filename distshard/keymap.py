@@ -231,6 +231,9 @@ class Conversion:
     name: str  # how the operation calls itself, for reports and errors
     shapes: tuple[tuple[int, ...], ...]  # of the targets, as the operation makes them
     op: Any = field(compare=False, repr=False)
+    # (tied key, target) pairs: the tied key takes the target's value (a model sharded before
+    # it was tied holds them apart)
+    aliases: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -68,6 +68,8 @@ def converter(rules, targets: ModelTargets):
         cast = {k: v.to(dtype) if v.is_floating_point() and dtype.is_floating_point else v
                 for k, v in tensors.items()}
         made = rules.convert(conversion, cast)
+        for alias, source in conversion.aliases:
+            made[alias] = made[source]
         return {k: v.to(targets.target_dtype(targets.by_name[k].tensor))
                 for k, v in made.items() if k in targets.by_name}
     return convert

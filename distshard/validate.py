@@ -117,7 +117,8 @@ def match_checkpoint(
                 used.append(c)
         read_as[name] = target
         loaded.extend(present)
-    aliases = _aliases(targets, tied or {}, keymap, set(loaded), parts, checkpoint, where)
+    aliases, extra = _aliases(targets, tied or {}, keymap, set(loaded), parts, outputs,
+                              checkpoint, where)
     loaded.extend(aliases)
     missing = sorted(n for t in targets for n in t.names if not set(t.names) & set(loaded))
     unexpected = sorted(keymap.unexpected)
@@ -129,36 +130,55 @@ def match_checkpoint(
                                                  if k in sources and where.get(k) == f.name})
                  for f in files)
     kept = tuple(f for f in kept if f.tensors)
-    conversions = tuple(dataclasses.replace(c, targets=tuple(t for t in c.targets if t in outputs))
-                        for c in used)
+    conversions = tuple(_read_targets(c, outputs, extra.get(id(c), [])) for c in used)
     return Match(kept, tuple(sorted(loaded)), tuple(missing), tuple(unexpected),
                  tuple(tied_copies), {k: tuple(v) for k, v in parts.items()}, conversions,
                  outputs, aliases, keymap)
 
 
 def _aliases(targets: Sequence[TargetSpec], tied: Mapping[str, str], keymap: KeyMap,
-             loaded: set[str], parts: dict[str, list[Part]], checkpoint, where) -> dict[str, str]:
+             loaded: set[str], parts: dict[str, list[Part]], outputs: dict, checkpoint,
+             where) -> tuple[dict[str, str], dict[int, list[tuple[str, str]]]]:
     """Tied keys the checkpoint lacks, read from the checkpoint tensors of the key they are
-    tied to (when the model holds them as separate tensors: sharded before it was tied)."""
+    tied to (when the model holds them as separate tensors: sharded before it was tied): the
+    same parts again, or one more output of the same conversion (by id of the conversion)."""
     group_of = {n: t for t in targets for n in t.names}
-    aliases = {}
+    conversion_of = {t: c for c in keymap.conversions for t in c.targets}
+    aliases, extra = {}, {}
     for target in targets:
         if set(target.names) & loaded:
             continue
         for name in target.names:
             source = tied.get(name)
             # the checkpoint may hold the source under another name of its own tied group
-            source = next((n for n in group_of[source].names if n in keymap.parts),
+            source = next((n for n in group_of[source].names if n in keymap.formed),
                           None) if source in group_of else None
             if source is None:
                 continue
-            moved = [dataclasses.replace(p, target=name) for p in keymap.parts[source]]
-            _check_parts(name, tuple(moved), target, checkpoint, where)
-            for p in moved:
-                parts.setdefault(p.source, []).append(p)
+            if source in keymap.parts:
+                moved = [dataclasses.replace(p, target=name) for p in keymap.parts[source]]
+                _check_parts(name, tuple(moved), target, checkpoint, where)
+                for p in moved:
+                    parts.setdefault(p.source, []).append(p)
+            elif source in outputs:  # made by a conversion that is read
+                c = conversion_of[source]
+                _check_conversion(source, c, target, checkpoint, where)
+                extra.setdefault(id(c), []).append((name, source))
+                outputs[name] = (target.shape, target.dtype)
+            else:
+                continue
             aliases[name] = source
             break
-    return aliases
+    return aliases, extra
+
+
+def _read_targets(c: Conversion, outputs: dict, aliases: list[tuple[str, str]]) -> Conversion:
+    """``c`` making only the targets the load reads, plus the tied keys that take a target's
+    value."""
+    kept = [(t, shape) for t, shape in zip(c.targets, c.shapes) if t in outputs]
+    kept += [(alias, c.shapes[c.targets.index(source)]) for alias, source in aliases]
+    return dataclasses.replace(c, targets=tuple(t for t, _ in kept),
+                               shapes=tuple(shape for _, shape in kept), aliases=tuple(aliases))
 
 
 def _locate_keys(files: Sequence[FileInfo], weight_map: Mapping[str, str] | None) -> dict[str, str]:

@@ -243,8 +243,16 @@ def _make_plan(model: torch.nn.Module, tensors: dict[str, torch.Tensor],
     writers = assign_writers([s.size for s in layouts], world_size)
     writer_of = {t.key: writers[i] for i, s in enumerate(layouts) for t in s.tensors}
     pieces = {s.key: pieces_of(s, all_boxes, writer_of[s.key], sharded) for s in saved}
-    return SavePlan(tuple(layouts), tuple(writers), {s.key: s for s in saved}, pieces,
-                    new_token())
+    by_key = {s.key: s for s in saved}
+    for layout in layouts:  # in write order: a reverted conversion's pieces go to a file once
+        made: set[int] = set()
+        for t in layout.tensors:
+            group = by_key[t.key].group
+            if group in made:
+                pieces[t.key] = ()  # made with the group's first tensor in this file
+            elif group is not None:
+                made.add(group)
+    return SavePlan(tuple(layouts), tuple(writers), by_key, pieces, new_token())
 
 
 def _check_boxes(key: str, shape: tuple[int, ...], boxes: list) -> None:

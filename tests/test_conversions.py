@@ -41,16 +41,50 @@ class TransposedLlama(LlamaForCausalLM):
     """A Llama whose checkpoints keep each MLP down projection transposed, as ``weight_t``."""
 
 
-def _register() -> None:
-    from transformers.conversion_mapping import register_checkpoint_conversion_mapping
-    from transformers.core_model_loading import Transpose, WeightConverter
+class TransposedEmbedLlama(LlamaForCausalLM):
+    """A tied Llama whose checkpoints keep the embedding transposed (``lm_head.weight``, tied to
+    it, is not saved): a tied key whose source is made by a conversion."""
 
-    try:
-        register_checkpoint_conversion_mapping("TransposedLlama", [WeightConverter(
-            source_patterns=r"mlp\.down_proj\.weight_t", target_patterns="mlp.down_proj.weight",
-            operations=[Transpose(0, 1)])])
-    except ValueError:  # registered already in this process
-        pass
+
+class TwiceTransposedMixtral(MixtralForCausalLM):
+    """A Mixtral whose fused gate/up experts are made by Mixtral's own conversion followed by
+    two transposes: not a box, so one rank reads every expert tensor of a layer and runs it, and
+    save makes 2 x experts tensors from one model tensor by the reverse."""
+
+
+def _register() -> None:
+    from transformers.conversion_mapping import (
+        get_checkpoint_conversion_mapping,
+        register_checkpoint_conversion_mapping,
+    )
+    from transformers.core_model_loading import (
+        Concatenate,
+        MergeModulelist,
+        Transpose,
+        WeightConverter,
+    )
+
+    # Mixtral's own mapping, its gate/up converter replaced by one that transposes twice, under
+    # other pattern strings (transformers picks a converter's operations by pattern string: the
+    # inner MixtralModel brings Mixtral's converter with the original ones)
+    moe = [t for t in get_checkpoint_conversion_mapping("mixtral")
+           if not (isinstance(t, WeightConverter) and "gate_up_proj" in t.target_patterns[0])]
+    moe.append(WeightConverter(
+        source_patterns=["experts.*.w1.weight", "experts.*.w3.weight"],
+        target_patterns="experts.gate_up_proj",
+        operations=[MergeModulelist(0), Concatenate(1), Transpose(1, 2), Transpose(1, 2)]))
+    for name, mapping in (
+            ("TransposedLlama", [WeightConverter(
+                source_patterns=r"mlp\.down_proj\.weight_t",
+                target_patterns="mlp.down_proj.weight", operations=[Transpose(0, 1)])]),
+            ("TransposedEmbedLlama", [WeightConverter(
+                source_patterns=r"embed_tokens\.weight_t", target_patterns="embed_tokens.weight",
+                operations=[Transpose(0, 1)])]),
+            ("TwiceTransposedMixtral", moe)):
+        try:
+            register_checkpoint_conversion_mapping(name, mapping)
+        except ValueError:  # registered already in this process
+            pass
 
 
 _register()  # here, and in every spawned rank that imports this module
@@ -72,12 +106,16 @@ def folders(tmp_path_factory) -> dict[str, str]:
     out = {"transposed": str(root / "transposed"), "moe": str(root / "moe"),
            "moe-fused": str(root / "moe-fused")}
     TransposedLlama(LlamaConfig(**SMALL)).save_pretrained(out["transposed"], max_shard_size="40KB")
-    moe = MixtralForCausalLM(MixtralConfig(**SMALL, num_local_experts=4, num_experts_per_tok=2))
+    moe_config = MixtralConfig(**SMALL, num_local_experts=4, num_experts_per_tok=2)
+    moe = MixtralForCausalLM(moe_config)
     moe.save_pretrained(out["moe"], max_shard_size="40KB")  # one tensor per expert
+    out["moe-twice"] = str(root / "moe-twice")
+    TwiceTransposedMixtral(moe_config).save_pretrained(out["moe-twice"], max_shard_size="40KB")
+    out["tied"] = str(root / "tied")
+    TransposedEmbedLlama(LlamaConfig(**SMALL, tie_word_embeddings=True)).save_pretrained(out["tied"])
     moe._weight_conversions = []  # as if loaded from a fused checkpoint: saved as it is
     moe.save_pretrained(out["moe-fused"], max_shard_size="40KB")
-    for case, cls in (("transposed", TransposedLlama), ("moe", MixtralForCausalLM),
-                      ("moe-fused", MixtralForCausalLM)):
+    for case, cls in CASES:
         out[case + "-resaved"] = str(root / (case + "-resaved"))
         cls.from_pretrained(out[case]).save_pretrained(out[case + "-resaved"])
     # a checkpoint whose keys a user's key_mapping fixes: saved back with the keys it had
@@ -100,6 +138,10 @@ def folders(tmp_path_factory) -> dict[str, str]:
 
 
 RENAME = {r"^transformer\.": "model."}
+CASES = (("transposed", TransposedLlama), ("moe", MixtralForCausalLM),
+         ("moe-fused", MixtralForCausalLM), ("moe-twice", TwiceTransposedMixtral))
+CONVERTED = {"transposed": lambda k: "down_proj" in k, "moe": lambda k: False,
+             "moe-fused": lambda k: False, "moe-twice": lambda k: "gate_up_proj" in k}
 
 
 def _fresh():
@@ -114,11 +156,32 @@ def _fresh():
 FRESH = _fresh()
 
 
+def _untied_alias_of_a_conversion(path: str, mesh) -> list[str]:
+    """The model sharded before it was tied: ``lm_head.weight`` is read as one more output of
+    the embedding's conversion."""
+    from accelerate import init_empty_weights
+    from torch.distributed.fsdp import fully_shard
+
+    with init_empty_weights():
+        model = TransposedEmbedLlama(LlamaConfig.from_pretrained(path))
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    report = distshard.load(model, path)
+    ref = TransposedEmbedLlama.from_pretrained(path)
+    bad = [] if "lm_head.weight" in report.converted_keys else [f"{report.converted_keys}"]
+    for key in ("lm_head.weight", "model.embed_tokens.weight"):
+        if not torch.equal(model.get_parameter(key).full_tensor(), ref.get_parameter(key)):
+            bad.append(f"{key} differs")
+    return bad
+
+
 def _more(rank: int, world_size: int, folders: dict[str, str], mesh) -> dict[str, list[str]]:
     """Saves after a load that used a key_mapping, and of FSDP2 models never loaded."""
     from torch.distributed.fsdp import fully_shard
 
     out = {}
+    out["untied"] = _untied_alias_of_a_conversion(folders["tied"], mesh)
     model = distshard.from_pretrained(LlamaForCausalLM, folders["renamed"], device_mesh=mesh,
                                       key_mapping=RENAME)
     saved = os.path.join(folders["root"], "renamed-distshard")
@@ -144,19 +207,16 @@ def _ranks(rank: int, world_size: int, folders: dict[str, str]) -> dict[str, lis
     logging.getLogger("transformers").setLevel(logging.ERROR)
     mesh = init_device_mesh("cpu", (world_size,))
     out = {}
-    for case, cls in (("transposed", TransposedLlama), ("moe", MixtralForCausalLM),
-                      ("moe-fused", MixtralForCausalLM)):
+    for case, cls in CASES:
         ref = cls.from_pretrained(folders[case])
         for mode, m in (("replicated", None), ("fsdp2", mesh)):
             bad = []
             model, report = distshard.from_pretrained(cls, folders[case], device_mesh=m,
                                                       return_report=True)
             converted = sorted(k for k in report.converted_keys)
-            want = sorted(k for k in ref.state_dict() if "down_proj" in k)
-            if case == "transposed" and converted != want:
+            want = sorted(k for k in ref.state_dict() if CONVERTED[case](k))
+            if converted != want:
                 bad.append(f"converted {converted}, expected {want}")
-            if case != "transposed" and converted:
-                bad.append(f"converted {converted}: fused experts are boxes")
             for key, value in sorted(ref.state_dict().items()):
                 got = model.state_dict()[key]
                 got = got.full_tensor() if isinstance(got, DTensor) else got
@@ -170,6 +230,8 @@ def _ranks(rank: int, world_size: int, folders: dict[str, str]) -> dict[str, lis
 
 def test_conversions_load_and_save_as_transformers_does(folders):
     results = run_ranks(_ranks, 2, folders, timeout=300)
+    untied = [result.pop("untied") for result in results]
+    assert untied == [[], []], untied
     problems = {label: r[:-1] for result in results for label, r in result.items() if r[:-1]}
     assert not problems, problems
     for label, result in results[0].items():
