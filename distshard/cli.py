@@ -82,7 +82,7 @@ def _mapping(ckpt, files: list[FileInfo], model_class: str | None) -> tuple[dict
     targets = ModelTargets(model)
     rules = key_rules(model, None)
     match = match_checkpoint(files, ckpt.weight_map, targets.specs(), strict=False, rules=rules,
-                             tied=rules.tied_sources() if hasattr(rules, "tied_sources") else {})
+                             tied=rules.tied_sources())
     keymap = match.keymap
     shapes = {k: t.shape for f in files for k, t in f.tensors.items()}
     tensors = {}

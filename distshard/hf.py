@@ -30,6 +30,7 @@ from .errors import DistShardError
 from .index import describe_file, find_checkpoint
 from .loader import DEFAULT_TIMEOUT, load
 from .report import LoadReport
+from .validate import is_float8
 
 __all__ = ["average_replicated_grads", "fsdp2_by_layer", "from_pretrained"]
 
@@ -62,8 +63,7 @@ def fsdp2_by_layer(model: torch.nn.Module, device_mesh) -> None:
     for name, module in model.named_modules():
         if module is model or type(module).__name__ not in layer_classes:
             continue
-        inside = (name, name + ".")
-        if any(not h.startswith(inside[1]) and h != inside[0]
+        if any(h != name and not h.startswith(name + ".")
                for p in module.parameters() for h in holders[id(p)]):
             continue  # a weight tied to one outside the layer: it stays in the root's unit
         mine = {p for p in module.parameters() if p in scalars}
@@ -234,8 +234,7 @@ def _checkpoint_dtype(checkpoint) -> torch.dtype | str:
     tensors = describe_file(ckpt.root, ckpt.files[0], ckpt.kind).tensors
     infos = [tensors[k] for k in sorted(tensors)] if ckpt.kind == "safetensors" else list(
         tensors.values())
-    return next((t.dtype for t in infos if t.dtype.is_floating_point
-                 and "float8_" not in str(t.dtype) and "float4_" not in str(t.dtype)),
+    return next((t.dtype for t in infos if t.dtype.is_floating_point and not is_float8(t.dtype)),
                 infos[0].dtype if infos else torch.float32)
 
 

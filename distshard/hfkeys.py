@@ -119,7 +119,8 @@ class TransformersRules:
                                               tuple(expected[t] for t in targets), op))
 
     def _as_boxes(self, converter, layer: str, collected: dict[str, list[str]],
-                  checkpoint: Mapping[str, Spec], model: Mapping[str, Spec]) -> dict[str, Formed] | None:
+                  checkpoint: Mapping[str, Spec],
+                  model: Mapping[str, Spec]) -> dict[str, Formed] | None:
         """The group's operations read as boxes, under the names ``convert`` gives; None when
         an operation is not a box."""
         from transformers.core_model_loading import (
@@ -153,13 +154,15 @@ class TransformersRules:
                         names = targets
                         sizes = [model[layer.replace(targets[0], t)][0][op.dim] for t in names]
                     values = dict(zip(names, split(item, op.dim, sizes)))
-                elif kind is Transpose and op.check_dims and _single(values).shape == model[layer][0]:
+                elif (kind is Transpose and op.check_dims
+                      and _single(values).shape == model[layer][0]):
                     values = {op.get_target_pattern(values, sources, targets): _single(values)}
                 else:  # (a Transpose that transposes is not a box)
                     return None
         except (ValueError, KeyError, IndexError):
             return None
-        values = {k: (v[0] if isinstance(v, list) and len(v) == 1 else v) for k, v in values.items()}
+        values = {k: (v[0] if isinstance(v, list) and len(v) == 1 else v)
+                  for k, v in values.items()}
         if not all(isinstance(v, Formed) for v in values.values()):
             return None
         return {name: values[k] for k, name in _full_names(layer, values).items()}

@@ -46,9 +46,22 @@ __all__ = [
     "split",
     "stack",
     "volume",
+    "whole",
 ]
 
-Box = tuple[tuple[int, ...], tuple[int, ...]]  # (offset, shape) per dimension
+# The part of a tensor one rank keeps or one slot holds: (offset, shape) per dimension. A plain
+# tensor's box is the whole tensor; a DTensor's is its local shard
+# (``compute_local_shape_and_global_offset``).
+Box = tuple[tuple[int, ...], tuple[int, ...]]
+
+
+def whole(shape: Sequence[int]) -> Box:
+    """The box of all of a tensor of ``shape``.
+
+    >>> whole((2, 3))
+    ((0, 0), (2, 3))
+    """
+    return (0,) * len(shape), tuple(shape)
 
 
 def volume(shape: Sequence[int]) -> int:
@@ -140,9 +153,8 @@ class Formed:
 
 def leaf(key: str, shape: Sequence[int]) -> Formed:
     """Checkpoint tensor ``key`` as it is."""
-    shape = tuple(shape)
-    whole = ((0,) * len(shape), shape)
-    return Formed(shape, (Part("", whole, key, whole, tuple(range(len(shape)))),))
+    box = whole(shape)
+    return Formed(box[1], (Part("", box, key, box, tuple(range(len(box[1])))),))
 
 
 def stack(items: Sequence[Formed], dim: int) -> Formed:
@@ -156,8 +168,8 @@ def stack(items: Sequence[Formed], dim: int) -> Formed:
     for i, t in enumerate(items):
         for p in t.parts:
             (off, size) = p.box
-            parts.append(replace(p, box=(off[:dim] + (i,) + off[dim:], size[:dim] + (1,) + size[dim:]),
-                                 dims=tuple(d + (d >= dim) for d in p.dims)))
+            box = (off[:dim] + (i,) + off[dim:], size[:dim] + (1,) + size[dim:])
+            parts.append(replace(p, box=box, dims=tuple(d + (d >= dim) for d in p.dims)))
     return Formed(shape[:dim] + (len(items),) + shape[dim:], tuple(parts))
 
 
@@ -265,7 +277,8 @@ class RegexRules:
     replaces its first match in a checkpoint key (``re.sub(..., count=1)``; groups as
     ``\\1``), and the result names a model tensor.
 
-    >>> RegexRules({r"^encoder\\.": "backbone.", r"\\.gamma$": ".weight"}).rename("encoder.ln.gamma")
+    >>> rules = RegexRules({r"^encoder\\.": "backbone.", r"\\.gamma$": ".weight"})
+    >>> rules.rename("encoder.ln.gamma")
     'backbone.ln.weight'
     """
 
@@ -286,6 +299,10 @@ class RegexRules:
                 self.used.add(pattern)
             key = new
         return key
+
+    def tied_sources(self) -> dict[str, str]:
+        """Ties a module declares: none (a transformers model declares its own)."""
+        return {}
 
     def map(self, checkpoint: Mapping[str, tuple], model_keys: Iterable[str]) -> KeyMap:
         """What each checkpoint key (-> (shape, dtype)) forms among ``model_keys``."""

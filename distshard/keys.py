@@ -40,21 +40,18 @@ def match_model(checkpoint, model: torch.nn.Module, targets: ModelTargets, rules
     ckpt = find_checkpoint(checkpoint)
     refuse_quantized(ckpt.root, model)
     files = [describe_file(ckpt.root, name, ckpt.kind) for name in ckpt.files]
-    initializer = Initializer(model)
-    hf = is_transformers_model(model)
-    missing_names = [t.names[0] for t in targets.specs()]
-    initializable = targets.initializable(missing_names, initializer)
-    tied = rules.tied_sources() if hasattr(rules, "tied_sources") else {}
-    match = match_checkpoint(files, ckpt.weight_map, targets.specs(), strict=strict,
-                             rules=rules, tied=tied, initializable=initializable)
+    specs = targets.specs()
+    initializable = targets.initializable([t.names[0] for t in specs], Initializer(model))
+    match = match_checkpoint(files, ckpt.weight_map, specs, strict=strict, rules=rules,
+                             tied=rules.tied_sources(), initializable=initializable)
     for names in match.tied_copies:
         logger.warning(
             "distshard: the checkpoint holds %s as separate tensors, but the model ties them: "
             "%r is loaded into all of them (transformers leaves such weights untied when the "
             "copies differ; untie them in the model, or drop the extra copies, if they do)",
             " and ".join(map(repr, names)), names[0])
-    missing = set(match.missing_keys)
-    initialized = [t.names[0] for t in targets.specs()
+    missing, hf = set(match.missing_keys), is_transformers_model(model)
+    initialized = [t.names[0] for t in specs
                    if set(t.names) <= missing and t.names[0] in initializable
                    and (hf or targets.by_name[t.names[0]].tensor.device.type == "meta")]
     return ckpt.root, match, initialized

@@ -15,6 +15,7 @@ from torch.distributed.tensor._utils import compute_local_shape_and_global_offse
 
 from .errors import DistShardError
 from .initialize import Initializer, unwritten
+from .keymap import whole
 from .plan import Box, LoadPlan
 from .validate import TargetSpec
 
@@ -36,12 +37,19 @@ class _Target:
     def is_dtensor(self) -> bool:
         return isinstance(self.tensor, DTensor)
 
+    def home(self, device: torch.device) -> torch.device:
+        """Where its loaded value lives: ``device`` for a meta tensor, else beside the current
+        value (a DTensor's local tensor)."""
+        if _is_meta(self.tensor):
+            return device
+        return (self.tensor.to_local() if self.is_dtensor else self.tensor).device
+
 
 def box_of(t: torch.Tensor, name: str) -> Box:
     """The part of ``t`` this rank holds: a DTensor's local shard (``Shard`` and ``Replicate``
     placements; a ``Partial`` one holds no part of the values), a plain tensor whole."""
     if not isinstance(t, DTensor):
-        return (0,) * t.dim(), tuple(t.shape)
+        return whole(t.shape)
     partial = [p for p in t.placements if p.is_partial()]
     if partial:
         raise DistShardError(
@@ -121,16 +129,14 @@ class ModelTargets:
         for bucket in plan.buckets:
             for slot in bucket.slots:
                 target = self.by_name[slot.key]
-                t = target.tensor
-                local = t.to_local() if target.is_dtensor else t
-                where = device if _is_meta(t) else local.device
-                dests[slot.key] = torch.empty(target.box[1], dtype=self.target_dtype(t), device=where)
+                dests[slot.key] = torch.empty(target.box[1], dtype=self.target_dtype(target.tensor),
+                                              device=target.home(device))
         return dests
 
     def all_whole_on_cpu(self) -> bool:
         """Whether this rank wants every tensor whole (no sharded DTensor) and on the CPU (or on
         meta, to land on the CPU)."""
-        return all(t.box == ((0,) * t.tensor.dim(), tuple(t.tensor.shape))
+        return all(t.box == whole(t.tensor.shape)
                    and t.tensor.device.type in ("cpu", "meta") for t in self._groups.values())
 
     def whole_specs(self, plan: LoadPlan) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
@@ -178,9 +184,7 @@ class ModelTargets:
                 if unwritten(value):
                     holes.append(target.names[0])
                 local = value[tuple(slice(o, o + n) for o, n in zip(*target.box))]
-                where = device if _is_meta(target.tensor) else (
-                    target.tensor.to_local() if target.is_dtensor else target.tensor).device
-                out[target.names[0]] = local.to(where).contiguous()
+                out[target.names[0]] = local.to(target.home(device)).contiguous()
         return out, holes
 
     def check_complete(self, loaded: set[str]) -> None:

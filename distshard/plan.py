@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from .index import FileInfo, TensorInfo
-from .keymap import Conversion, Part, contiguous_start, volume
+from .keymap import Box, Conversion, Part, contiguous_start, leaf, volume
 
 __all__ = [
     "ALIGN",
@@ -33,10 +33,6 @@ __all__ = [
     "tiles",
     "untiled",
 ]
-
-# The part of a tensor one rank keeps: (global offset, local shape) per dimension. A plain tensor's
-# box is the whole tensor; a DTensor's is its local shard (``compute_local_shape_and_global_offset``).
-Box = tuple[tuple[int, ...], tuple[int, ...]]
 
 # Every slot of a bucket starts at a multiple of ALIGN bytes, so that a uint8 bucket can be
 # viewed as any dtype in place.
@@ -255,8 +251,7 @@ def _slots(key: str, t: TensorInfo, bucket_size: int,
     """The slots that read checkpoint tensor ``key``, per part (in file order): one, or for a
     part larger than ``bucket_size`` its runs along its leading dimension."""
     if parts is None:
-        whole = ((0,) * len(t.shape), t.shape)
-        mine = [Part(key, whole, key, whole, tuple(range(len(t.shape))))]
+        mine = list(leaf(key, t.shape).named(key))
     else:
         mine = sorted(parts.get(key, ()), key=lambda p: contiguous_start(p.source_box, t.shape))
     return [_runs(p, t, bucket_size) for p in mine]

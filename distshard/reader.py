@@ -87,15 +87,13 @@ class ShardReader:
         model tensor it makes in its slot."""
         tensors = {}
         for src in bucket.sources:
+            out = tensors[src.key] = torch.empty(src.shape, dtype=src.dtype)
+            if src.begin is not None:  # safetensors: its byte range
+                self.read_range(src.file, src.key, src.begin, out)
+                continue
             with self._naming(src.file, src.key):
                 self._open(self.plan.file(src.file))
-                out = torch.empty(src.shape, dtype=src.dtype)
-                if self._state is not None:
-                    self._copy_whole(src.file, src.key, out)
-                else:
-                    self._read_exact(src.begin, [memoryview(out.reshape(-1).view(torch.uint8)
-                                                            .numpy())], src.file, src.key)
-                tensors[src.key] = out
+                self._copy_whole(src.file, src.key, out)
         c = bucket.conversion
         try:
             made = self.convert(c, tensors)
@@ -275,8 +273,9 @@ def _open_planned(root: str, f: PlannedFile) -> int:
 
 def map_files(root: str, plan: LoadPlan, buckets: list[Bucket]) -> dict[str, torch.Tensor]:
     """Every tensor of ``buckets`` (safetensors, in the checkpoint's dtype; each one run of one
-    checkpoint tensor: the plan's ``identity``) as a view of a copy-on-write mapping of its file: the page cache's pages, shared by every process that maps
-    the file, until this one writes a page (then that page is its own). The views keep their
+    checkpoint tensor: the plan's ``identity``) as a view of a copy-on-write mapping of its
+    file: the page cache's pages, shared by every process that maps the file, until this one
+    writes a page (then that page is its own). The views keep their
     mapping alive. Rewriting the file in place (not by rename) while they live changes what they
     read, as with any mapped file."""
     whole: dict[str, list[Slot]] = {}

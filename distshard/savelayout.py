@@ -22,7 +22,7 @@ from torch.distributed.tensor import DTensor
 
 from .errors import DistShardError
 from .hfkeys import TransformersRules, is_transformers_model, own_classes
-from .keymap import Box, contiguous_start, volume
+from .keymap import Box, contiguous_start, volume, whole
 from .materialize import box_of
 from .plan import intersect
 
@@ -62,14 +62,10 @@ class SavePiece:
     src: int
 
 
-def _whole(shape: tuple[int, ...]) -> Box:
-    return (0,) * len(shape), tuple(shape)
-
-
 def hub_layout(model: torch.nn.Module, tensors: Mapping[str, torch.Tensor]) -> list[Saved]:
     """The tensors to save for ``tensors`` (the model's, by name), in order."""
-    identity = [Saved(k, t.dtype, tuple(t.shape), (Source(k, _whole(tuple(t.shape)),
-                                                          _whole(tuple(t.shape))),))
+    identity = [Saved(k, t.dtype, tuple(t.shape), (Source(k, whole(tuple(t.shape)),
+                                                          whole(tuple(t.shape))),))
                 for k, t in tensors.items()]
     if not is_transformers_model(model):
         return identity
@@ -104,7 +100,7 @@ def hub_layout(model: torch.nn.Module, tensors: Mapping[str, torch.Tensor]) -> l
     for i, c in enumerate(keymap.conversions):
         for k in c.sources:
             group_of[k] = i
-            sources[k] = [Source(t, _whole(specs[t][0]), None) for t in c.targets]
+            sources[k] = [Source(t, whole(specs[t][0]), None) for t in c.targets]
     out = []
     for key, value in hub.items():
         if key not in group_of and sum(volume(s.box[1]) for s in sources.get(key, ())) != volume(

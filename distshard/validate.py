@@ -95,8 +95,7 @@ def match_checkpoint(
     conversion_of = {t: c for c in keymap.conversions for t in c.targets}
     parts: dict[str, list[Part]] = {}
     outputs: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
-    loaded, missing, tied_copies, used = [], [], [], []
-    read_as = {}  # model key read -> its group's spec
+    loaded, tied_copies, used = [], [], []
     for target in targets:
         present = [n for n in target.names if n in keymap.formed]
         if not present:
@@ -115,10 +114,9 @@ def match_checkpoint(
             outputs[name] = (target.shape, target.dtype)
             if c not in used:
                 used.append(c)
-        read_as[name] = target
         loaded.extend(present)
-    aliases, extra = _aliases(targets, tied or {}, keymap, set(loaded), parts, outputs,
-                              checkpoint, where)
+    aliases, extra = _aliases(targets, tied or {}, keymap, conversion_of, set(loaded), parts,
+                              outputs, checkpoint, where)
     loaded.extend(aliases)
     missing = sorted(n for t in targets for n in t.names if not set(t.names) & set(loaded))
     unexpected = sorted(keymap.unexpected)
@@ -137,13 +135,13 @@ def match_checkpoint(
 
 
 def _aliases(targets: Sequence[TargetSpec], tied: Mapping[str, str], keymap: KeyMap,
-             loaded: set[str], parts: dict[str, list[Part]], outputs: dict, checkpoint,
+             conversion_of: Mapping[str, Conversion], loaded: set[str],
+             parts: dict[str, list[Part]], outputs: dict, checkpoint,
              where) -> tuple[dict[str, str], dict[int, list[tuple[str, str]]]]:
     """Tied keys the checkpoint lacks, read from the checkpoint tensors of the key they are
     tied to (when the model holds them as separate tensors: sharded before it was tied): the
     same parts again, or one more output of the same conversion (by id of the conversion)."""
     group_of = {n: t for t in targets for n in t.names}
-    conversion_of = {t: c for c in keymap.conversions for t in c.targets}
     aliases, extra = {}, {}
     for target in targets:
         if set(target.names) & loaded:

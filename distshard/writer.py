@@ -238,15 +238,15 @@ def _make_plan(model: torch.nn.Module, tensors: dict[str, torch.Tensor],
     sharded = set(all_boxes[0]) if all_boxes else set()
     for key in sharded:
         _check_boxes(key, tuple(tensors[key].shape), [b.get(key) for b in all_boxes])
-    saved = hub_layout(model, tensors) if layout == "hub" else hub_layout(None, tensors)
+    saved = hub_layout(model if layout == "hub" else None, tensors)
     layouts = plan_shards(((s.key, s.dtype, s.shape) for s in saved), limit)
     writers = assign_writers([s.size for s in layouts], world_size)
     writer_of = {t.key: writers[i] for i, s in enumerate(layouts) for t in s.tensors}
     pieces = {s.key: pieces_of(s, all_boxes, writer_of[s.key], sharded) for s in saved}
     by_key = {s.key: s for s in saved}
-    for layout in layouts:  # in write order: a reverted conversion's pieces go to a file once
+    for shard in layouts:  # in write order: a reverted conversion's pieces go to a file once
         made: set[int] = set()
-        for t in layout.tensors:
+        for t in shard.tensors:
             group = by_key[t.key].group
             if group in made:
                 pieces[t.key] = ()  # made with the group's first tensor in this file

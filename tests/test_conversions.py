@@ -112,7 +112,8 @@ def folders(tmp_path_factory) -> dict[str, str]:
     out["moe-twice"] = str(root / "moe-twice")
     TwiceTransposedMixtral(moe_config).save_pretrained(out["moe-twice"], max_shard_size="40KB")
     out["tied"] = str(root / "tied")
-    TransposedEmbedLlama(LlamaConfig(**SMALL, tie_word_embeddings=True)).save_pretrained(out["tied"])
+    tied = LlamaConfig(**SMALL, tie_word_embeddings=True)
+    TransposedEmbedLlama(tied).save_pretrained(out["tied"])
     moe._weight_conversions = []  # as if loaded from a fused checkpoint: saved as it is
     moe.save_pretrained(out["moe-fused"], max_shard_size="40KB")
     for case, cls in CASES:

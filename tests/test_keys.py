@@ -32,7 +32,8 @@ class Net(torch.nn.Module):
 
 def _write(path, state: dict[str, torch.Tensor]) -> str:
     os.makedirs(path, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(path, "model.safetensors"))
+    save_file({k: v.contiguous() for k, v in state.items()},
+              os.path.join(path, "model.safetensors"))
     return str(path)
 
 

@@ -91,8 +91,9 @@ ZOO: dict[str, tuple[str, str, dict]] = {
                     vision_config=dict(_VISION, model_type="siglip_vision_model"),
                     mm_tokens_per_image=4, image_token_index=95)),
     "qwen3_vl_moe": ("qwen3_vl_moe", "AutoModelForImageTextToText",  # transposed experts
-                     dict(text_config=dict(_MOE, head_dim=8, moe_intermediate_size=24, rope_scaling={
-                         "rope_type": "default", "mrope_section": [2, 1, 1]}),
+                     dict(text_config=dict(_MOE, head_dim=8, moe_intermediate_size=24,
+                                           rope_scaling={"rope_type": "default",
+                                                         "mrope_section": [2, 1, 1]}),
                           vision_config=dict(depth=1, hidden_size=32, intermediate_size=64,
                                              num_heads=4, out_hidden_size=32, patch_size=8,
                                              spatial_merge_size=1, temporal_patch_size=1,
