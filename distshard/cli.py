@@ -16,6 +16,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 from .errors import DistShardError
+from .hf import build_meta_model
 from .index import FileInfo, describe_file, find_checkpoint, safe_path
 from .keys import key_rules
 from .loader import DEFAULT_BUCKET_SIZE
@@ -85,6 +86,7 @@ def _mapping(ckpt, files: list[FileInfo], model_class: str | None) -> tuple[dict
                              tied=rules.tied_sources())
     keymap = match.keymap
     shapes = {k: t.shape for f in files for k, t in f.tensors.items()}
+    operation = {t: c.name for c in keymap.conversions for t in c.targets}
     tensors = {}
     for spec in targets.specs():
         for name in spec.names:
@@ -94,22 +96,21 @@ def _mapping(ckpt, files: list[FileInfo], model_class: str | None) -> tuple[dict
                 continue
             parts = keymap.parts.get(name, ())
             whole = len(parts) == 1 and parts[0].source_box[1] == tuple(shapes[sources[0]])
-            kind = ("conversion" if any(name in c.targets for c in keymap.conversions)
+            kind = ("conversion" if name in operation
                     else "tied" if name in (match.aliases or {})
                     else "same" if whole and sources == [name]
                     else "renamed" if whole else "slice" if len(parts) == 1 else "boxes")
             tensors[name] = dict(kind=kind, sources=sources)
-    op = {t: c.name for c in keymap.conversions for t in c.targets}
-    for name, entry in tensors.items():
-        if name in op:
-            entry["operation"] = op[name]
+            if name in operation:
+                tensors[name]["operation"] = operation[name]
     return dict(model=type(model).__name__, tensors=tensors, missing=list(match.missing_keys),
                 unexpected=list(match.unexpected_keys)), match
 
 
 def _meta_model(root: str, model_class: str | None):
+    """The model ``from_pretrained`` would build (on meta) for the class named, or the one
+    ``config.json`` names; None where it names none."""
     import transformers
-    from accelerate import init_empty_weights
 
     config = transformers.AutoConfig.from_pretrained(root, local_files_only=True)
     name = model_class or (getattr(config, "architectures", None) or [None])[0]
@@ -120,11 +121,7 @@ def _meta_model(root: str, model_class: str | None):
         raise DistShardError(f"no transformers model class {name!r} for {root!r}; pass --model "
                              "with a class name (LlamaForCausalLM, AutoModel, ...) or none",
                              file="config.json")
-    with init_empty_weights():
-        model = (cls._from_config(config) if hasattr(cls, "_from_config")
-                 else cls.from_config(config))
-    model.tie_weights()
-    return model
+    return build_meta_model(cls, root)
 
 
 def _inspect(args) -> dict:

@@ -133,7 +133,7 @@ def from_pretrained(
     comm = Comm(group, _timeout(load_kwargs.get("timeout", DEFAULT_TIMEOUT)))
     model, failure = None, None
     try:
-        model = _build(model_class, checkpoint, dtype, config)
+        model = build_meta_model(model_class, checkpoint, dtype, config)
     except Exception as e:
         failure = failure_of(e, comm.rank, "build")
     comm.agree(failure, [])
@@ -175,7 +175,7 @@ def _config_folder(checkpoint: str | os.PathLike) -> str:
     return folder
 
 
-def _build(model_class, checkpoint, dtype, config) -> torch.nn.Module:
+def build_meta_model(model_class, checkpoint, dtype=None, config=None) -> torch.nn.Module:
     """The model of ``checkpoint``'s config in the resolved dtype: parameters on meta, buffers
     real, weights tied."""
     from accelerate import init_empty_weights

@@ -38,7 +38,8 @@ from .keymap import (
     stack,
 )
 
-__all__ = ["TransformersRules", "is_transformers_model", "own_class", "own_classes"]
+__all__ = ["TransformersRules", "is_transformers_model", "keep_used", "own_class",
+           "own_classes"]
 
 Spec = tuple[tuple[int, ...], torch.dtype]
 
@@ -205,15 +206,10 @@ class TransformersRules:
             out = converter.convert(layer, model=self.model, config=self.model.config)
         return {k: (v[0] if isinstance(v, list) else v) for k, v in out.items()}
 
-    def used(self) -> tuple[int, ...]:
-        """The transforms that matched a checkpoint key in :meth:`map` (by position)."""
-        return tuple(i for i, t in enumerate(self.transforms) if t.was_used())
-
-    def record(self, used: tuple[int, ...]) -> None:
-        """Keep the transforms a load used on the model, as transformers' loader does: its
-        ``save_pretrained`` (and :func:`distshard.save`) then writes the layout that was loaded
-        back (a fused checkpoint stays fused; one tensor per expert stays so)."""
-        self.model._weight_conversions = [self.transforms[i] for i in used]
+    def used(self) -> list:
+        """The transforms that matched a checkpoint key in :meth:`map` (picklable: rank 0 sends
+        them to the others, which keep them on their models; see :func:`keep_used`)."""
+        return [t for t in self.transforms if t.was_used()]
 
     # --- ties -------------------------------------------------------------------------------
 
@@ -222,6 +218,13 @@ class TransformersRules:
         ``tie_word_embeddings``) declares them."""
         expand = getattr(self.model, "get_expanded_tied_weights_keys", None)
         return dict(expand(all_submodels=True)) if callable(expand) else {}
+
+
+def keep_used(model: torch.nn.Module, transforms: list) -> None:
+    """Keep the transforms a load used on the model, as transformers' loader does: its
+    ``save_pretrained`` (and :func:`distshard.save`) then writes the layout that was loaded back
+    (a fused checkpoint stays fused; one tensor per expert stays so)."""
+    model._weight_conversions = list(transforms)
 
 
 def own_class(module: torch.nn.Module) -> type:

@@ -7,6 +7,7 @@ collectives here: :mod:`distshard.loader` calls these on the ranks it says.
 from __future__ import annotations
 
 import logging
+import threading
 
 import torch
 
@@ -59,12 +60,23 @@ def match_model(checkpoint, model: torch.nn.Module, targets: ModelTargets, rules
 
 def converter(rules, targets: ModelTargets):
     """Runs a conversion as transformers does: floating sources cast to the dtype of the first
-    model tensor it makes, then the operation, then each result in its tensor's dtype."""
+    model tensor it makes, then the operation, then each result in its tensor's dtype.
+    ``rules``: the rules, or a function that makes them, called once, on the first conversion
+    (building transformers' mapping costs a rank time that a load without one need not pay)."""
+    made_rules = []
+    lock = threading.Lock()
+
+    def rules_now():
+        with lock:  # reader threads convert side by side
+            if not made_rules:
+                made_rules.append(rules() if callable(rules) else rules)
+            return made_rules[0]
+
     def convert(conversion, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         dtype = targets.target_dtype(targets.by_name[conversion.targets[0]].tensor)
         cast = {k: v.to(dtype) if v.is_floating_point() and dtype.is_floating_point else v
                 for k, v in tensors.items()}
-        made = rules.convert(conversion, cast)
+        made = rules_now().convert(conversion, cast)
         for alias, source in conversion.aliases:
             made[alias] = made[source]
         return {k: v.to(targets.target_dtype(targets.by_name[k].tensor))

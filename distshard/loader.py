@@ -4,6 +4,7 @@ at the same point, and the model is changed only after the last agreement."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import secrets
@@ -19,7 +20,7 @@ from . import _faults
 from .comm import Comm, failure_of
 from .distribute import Exchange, ImageLayout
 from .errors import DistShardError
-from .hfkeys import TransformersRules, own_class
+from .hfkeys import TransformersRules, keep_used, own_class
 from .initialize import Initializer
 from .keys import converter, key_rules, log_keys, match_model
 from .materialize import ModelTargets
@@ -95,7 +96,7 @@ class _Outcome:
     initialized_keys: tuple[str, ...] = ()  # every name of those groups
     converted_keys: tuple[str, ...] = ()  # made by a conversion of whole checkpoint tensors
     seed: int = 0  # of the new tensors' initialisation
-    used_conversions: tuple[int, ...] = ()  # transformers' transforms the mapping used
+    used_conversions: list | None = None  # transformers' transforms the mapping used
 
 
 def load(
@@ -196,8 +197,8 @@ def load(
                 f"another rank exited or did not answer within timeout={options.timeout}; "
                 "see its log") from e
         targets.commit(exchange.dests, target_device)
-        if isinstance(rules, TransformersRules):
-            rules.record(outcome.used_conversions)
+        if outcome.used_conversions is not None:
+            keep_used(model, outcome.used_conversions)
     report = LoadReport(
         rank=comm.rank, world_size=comm.world_size, loaded_keys=list(outcome.loaded_keys),
         missing_keys=list(outcome.missing_keys), unexpected_keys=list(outcome.unexpected_keys),
@@ -225,8 +226,8 @@ def _plan(model, checkpoint, comm: Comm,
         _faults.check("validate", comm.rank)
         targets = ModelTargets(model, options.dtype)
         signature = targets.signature()
-        rules = key_rules(model, options.key_mapping)
-        if comm.rank == 0:
+        if comm.rank == 0:  # the other ranks need rules only to run a conversion (see _distribute)
+            rules = key_rules(model, options.key_mapping)
             found = match_model(checkpoint, model, targets, rules, options.strict)
     except Exception as e:
         failure = failure_of(e, comm.rank, "validate")
@@ -240,7 +241,7 @@ def _plan(model, checkpoint, comm: Comm,
     topology = Topology.from_keys([row[1] for row in rows])
     if comm.rank == 0:
         root, match, initialized = found
-        used = rules.used() if isinstance(rules, TransformersRules) else ()
+        used = rules.used() if isinstance(rules, TransformersRules) else None
         readers = None
         if options.locality == "node":
             readers = [topology.ranks_on(n) for n in range(topology.num_nodes)]
@@ -354,7 +355,8 @@ def _distribute(targets: ModelTargets, rules, outcome: _Outcome, dests, comm: Co
             if not tiles([b[key] for b in boxes], shape):
                 raise DistShardError("distshard: " + untiled(key, shape), key=key)
         reader = ShardReader(outcome.root, outcome.plan, on_read=progress.advance,
-                             convert=converter(rules, targets))
+                             convert=converter(rules or functools.partial(
+                                 key_rules, targets.model, options.key_mapping), targets))
         exchange = Exchange(comm, outcome.plan, reader, dests, boxes,
                             read_own_slices=options.read_own_slices, image=image, layout=layout,
                             topology=topology, node_local=options.locality == "node",
