@@ -27,7 +27,7 @@ import torch
 from . import _faults
 from .comm import Comm, failure_of
 from .errors import DistShardError, RankFailure
-from .keymap import contiguous_start
+from .keymap import contiguous_start, region, volume
 from .plan import Box, Bucket, LoadPlan, Piece, Slot, align, payload_layout
 from .reader import ShardReader, map_files
 from .shm import NodeImage
@@ -282,7 +282,7 @@ class Exchange:
 
     def _fill(self, key: str, box) -> None:
         with self._filled_lock:  # reader threads fill pieces of one tensor side by side
-            self._filled[key] = self._filled.get(key, 0) + _numel(box[1])
+            self._filled[key] = self._filled.get(key, 0) + volume(box[1])
 
     def _check_filled(self) -> None:
         """As many elements arrived for each destination as it holds: a plan that missed a row
@@ -328,7 +328,7 @@ class Exchange:
             dtype = want if narrow else s.dtype
             offset = align(end)
             slots.append(dataclasses.replace(s, dtype=dtype, offset=offset,
-                                             nbytes=_numel(s.shape) * dtype.itemsize))
+                                             nbytes=volume(s.shape) * dtype.itemsize))
             end = offset + slots[-1].nbytes
         if all(w.dtype == s.dtype for w, s in zip(slots, bucket.slots)):
             return bucket
@@ -431,7 +431,7 @@ class Exchange:
             slot = p.slot
             begin = slot.begin + _start_in_slot(p) * slot.dtype.itemsize
             origin = mine[slot.key][0] if slot.key in mine else None
-            dest = self.dests[slot.key][_region(p.box, origin)]
+            dest = self.dests[slot.key][region(p.box, origin)]
             if dest.dtype == slot.dtype and dest.device.type == "cpu" and dest.is_contiguous():
                 reader.read_range(file, slot.key, begin, dest)
             else:  # a staging piece of its own: readers run in parallel
@@ -451,7 +451,7 @@ class Exchange:
             return None
         mine = self.boxes[self.comm.rank]
         origin = mine[p.slot.key][0] if p.slot.key in mine else None
-        return _flat(dest[_region(p.box, origin)])
+        return _flat(dest[region(p.box, origin)])
 
     def _read(self, bucket: Bucket, buf: torch.Tensor, wire: Bucket | None = None, *,
               scratch: bool = False) -> torch.Tensor:
@@ -499,12 +499,12 @@ class Exchange:
         for i, (slot, box) in enumerate(zip(slots, boxes)):
             if from_bucket:
                 held = buf[slot.offset:slot.offset + slot.nbytes].view(slot.dtype).view(slot.shape)
-                src = held[_region(box, slot.extent[0])]
+                src = held[region(box, slot.extent[0])]
             else:
-                nbytes = _numel(box[1]) * slot.dtype.itemsize
+                nbytes = volume(box[1]) * slot.dtype.itemsize
                 src = buf[offsets[i]:offsets[i] + nbytes].view(slot.dtype).view(box[1])
             origin = mine[slot.key][0] if slot.key in mine else None
-            self.dests[slot.key][_region(box, origin)].copy_(src)
+            self.dests[slot.key][region(box, origin)].copy_(src)
             self._fill(slot.key, box)
 
     def _guard(self, phase: str, fn, *args) -> None:
@@ -530,7 +530,7 @@ class Exchange:
             return None
         mine = self.boxes[self.comm.rank]
         origin = mine[slot.key][0] if slot.key in mine else None
-        return _flat(dest[_region(slot.extent, origin)])
+        return _flat(dest[region(slot.extent, origin)])
 
 
 def _convert(bucket: Bucket, raw: torch.Tensor, wire: Bucket, buf: torch.Tensor) -> None:
@@ -551,7 +551,7 @@ def _single_contiguous(pieces: tuple[Piece, ...], full: torch.Tensor) -> torch.T
         return None
     slot, box = pieces[0].slot, pieces[0].box
     held = full[slot.offset:slot.offset + slot.nbytes].view(slot.dtype).view(slot.shape)
-    return _flat(held[_region(box, slot.extent[0])])
+    return _flat(held[region(box, slot.extent[0])])
 
 
 def _start_in_slot(p: Piece) -> int | None:
@@ -572,21 +572,8 @@ def _pack(pieces: tuple[Piece, ...], full: torch.Tensor, chunk: torch.Tensor) ->
     for p in pieces:
         slot = p.slot
         held = full[slot.offset:slot.offset + slot.nbytes].view(slot.dtype).view(slot.shape)
-        region = held[_region(p.box, slot.extent[0])]
-        chunk[p.offset:p.offset + p.nbytes].view(slot.dtype).view(p.box[1]).copy_(region)
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for size in shape:
-        n *= size
-    return n
-
-
-def _region(box: Box, origin: tuple[int, ...] | None) -> tuple[slice, ...]:
-    """Index of ``box`` (whole-tensor coordinates) in a tensor that starts at ``origin``."""
-    origin = origin or (0,) * len(box[0])
-    return tuple(slice(o - z, o - z + n) for o, n, z in zip(box[0], box[1], origin))
+        part = held[region(p.box, slot.extent[0])]
+        chunk[p.offset:p.offset + p.nbytes].view(slot.dtype).view(p.box[1]).copy_(part)
 
 
 @dataclass(frozen=True, slots=True)
@@ -610,7 +597,7 @@ class ImageLayout:
                 if slot.key not in offset:
                     dtype, shape = specs[slot.key]
                     offset[slot.key] = align(end)
-                    end = offset[slot.key] + _numel(shape) * dtype.itemsize
+                    end = offset[slot.key] + volume(shape) * dtype.itemsize
         layout = cls(offset, {k: specs[k][0] for k in offset}, {k: specs[k][1] for k in offset},
                      end)
         layout._check_runs(plan)
@@ -630,14 +617,14 @@ class ImageLayout:
             return None
         size = self.dtype[slot.key].itemsize
         begin = self.offset[slot.key] + start * size
-        return begin, begin + _numel(slot.shape) * size
+        return begin, begin + volume(slot.shape) * size
 
     def contiguous(self, slot: Slot) -> bool:
         """Whether the slot's box is one run of bytes in the image."""
         return self._slot_range(slot) is not None
 
     def _tensor_end(self, key: str) -> int:
-        return self.offset[key] + _numel(self.shape[key]) * self.dtype[key].itemsize
+        return self.offset[key] + volume(self.shape[key]) * self.dtype[key].itemsize
 
     def run(self, bucket: Bucket) -> tuple[int, int] | None:
         """The bucket's slots as one run of image bytes: each slot contiguous, each next one
@@ -662,7 +649,7 @@ class ImageLayout:
 
     def slot_view(self, data: torch.Tensor, slot: Slot) -> torch.Tensor:
         """The slot's box of its tensor in the image, typed (strided where the box is)."""
-        return self.tensor(data, slot.key)[_region(slot.extent, None)]
+        return self.tensor(data, slot.key)[region(slot.extent, None)]
 
     def bucket_bytes(self, data: torch.Tensor, bucket: Bucket) -> torch.Tensor:
         """The bucket's :meth:`run` of bytes."""

@@ -45,6 +45,7 @@ __all__ = [
     "leaf",
     "split",
     "stack",
+    "region",
     "volume",
     "whole",
 ]
@@ -62,6 +63,17 @@ def whole(shape: Sequence[int]) -> Box:
     ((0, 0), (2, 3))
     """
     return (0,) * len(shape), tuple(shape)
+
+
+def region(box: Box, origin: Sequence[int] | None = None) -> tuple[slice, ...]:
+    """The index of ``box`` (whole-tensor coordinates) in a tensor whose first element is at
+    ``origin`` (default: the whole tensor's).
+
+    >>> region(((2, 1), (2, 3)), (2, 0))
+    (slice(0, 2, None), slice(1, 4, None))
+    """
+    origin = origin or (0,) * len(box[0])
+    return tuple(slice(o - z, o - z + n) for o, n, z in zip(box[0], box[1], origin))
 
 
 def volume(shape: Sequence[int]) -> int:

@@ -15,7 +15,7 @@ from torch.distributed.tensor._utils import compute_local_shape_and_global_offse
 
 from .errors import DistShardError
 from .initialize import Initializer, unwritten
-from .keymap import whole
+from .keymap import region, whole
 from .plan import Box, LoadPlan
 from .validate import TargetSpec
 
@@ -183,7 +183,7 @@ class ModelTargets:
                     continue
                 if unwritten(value):
                     holes.append(target.names[0])
-                local = value[tuple(slice(o, o + n) for o, n in zip(*target.box))]
+                local = value[region(target.box)]
                 out[target.names[0]] = local.to(target.home(device)).contiguous()
         return out, holes
 

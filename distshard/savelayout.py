@@ -22,7 +22,7 @@ from torch.distributed.tensor import DTensor
 
 from .errors import DistShardError
 from .hfkeys import TransformersRules, is_transformers_model, own_classes
-from .keymap import Box, contiguous_start, volume, whole
+from .keymap import Box, contiguous_start, region, volume, whole
 from .materialize import box_of
 from .plan import intersect
 
@@ -135,12 +135,8 @@ def pieces_of(saved: Saved, boxes: list[dict[str, Box]] | None, writer: int,
 def local_box(value: torch.Tensor, box: Box) -> torch.Tensor:
     """``box`` (global coordinates) of this rank's part of ``value``, contiguous."""
     if isinstance(value, DTensor):
-        origin = box_of(value, "")[0]
-        value = value.to_local()
-    else:
-        origin = (0,) * value.dim()
-    region = tuple(slice(o - z, o - z + n) for o, n, z in zip(box[0], box[1], origin))
-    return value[region].contiguous()
+        return value.to_local()[region(box, box_of(value, "")[0])].contiguous()
+    return value[region(box)].contiguous()
 
 
 def assemble(model: torch.nn.Module, tensors: Mapping[str, torch.Tensor], saved: Saved,
@@ -180,6 +176,5 @@ def _gather(tensors: Mapping[str, torch.Tensor], saved: Saved, pieces: tuple[Sav
     out = torch.empty(source.box[1], dtype=tensors[source.key].dtype, device="cpu")
     for p in pieces:
         part = local_box(tensors[source.key], p.box) if p.src == rank else received[key, p]
-        out[tuple(slice(o - z, o - z + n) for o, n, z in zip(p.box[0], p.box[1],
-                                                              source.box[0]))].copy_(part)
+        out[region(p.box, source.box[0])].copy_(part)
     return out

@@ -13,7 +13,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from distshard.distribute import _region, _start_in_slot
+from distshard.distribute import _start_in_slot
 from distshard.hfkeys import TransformersRules
 from distshard.index import FileInfo, TensorInfo
 from distshard.keymap import (
@@ -23,6 +23,7 @@ from distshard.keymap import (
     concat,
     contiguous_start,
     leaf,
+    region,
     split,
     stack,
 )
@@ -36,8 +37,8 @@ def assemble(formed, sources: dict[str, torch.Tensor]) -> torch.Tensor:
     """The tensor ``formed`` describes, built from its parts alone."""
     out = torch.full(formed.shape, -1, dtype=next(iter(sources.values())).dtype)
     for p in formed.parts:
-        src = sources[p.source][_region(p.source_box, None)]
-        out[_region(p.box, None)] = src.reshape(p.box[1])
+        src = sources[p.source][region(p.source_box, None)]
+        out[region(p.box, None)] = src.reshape(p.box[1])
     return out
 
 
@@ -197,15 +198,15 @@ def test_planned_boxes_equal_the_operations_on_full_tensors(example, dtype, data
                     continue
                 slot = piece.slot
                 held = data_bytes[slot.begin:slot.begin + slot.nbytes].view(dtype).view(slot.shape)
-                got[_region(piece.box, box[0])] = held[_region(piece.box, slot.extent[0])]
+                got[region(piece.box, box[0])] = held[region(piece.box, slot.extent[0])]
                 start = _start_in_slot(piece)  # as a rank reading its own piece would
                 if start is not None:
                     at = slot.begin + start * dtype.itemsize
                     direct = data_bytes[at:at + piece.nbytes].view(dtype).view(piece.box[1])
-                    assert torch.equal(direct, held[_region(piece.box, slot.extent[0])])
+                    assert torch.equal(direct, held[region(piece.box, slot.extent[0])])
                 filled += piece.nbytes
         assert filled == torch.empty(box[1], dtype=dtype).nbytes
-        assert torch.equal(got, want[_region(box, None)]), name
+        assert torch.equal(got, want[region(box, None)]), name
 
 
 # --- transformers' rules, read as boxes ---------------------------------------------------------
