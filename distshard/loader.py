@@ -18,7 +18,6 @@ import torch.distributed as dist
 
 from . import _faults
 from .comm import Comm, failure_of
-from .distribute import Exchange, ImageLayout
 from .errors import DistShardError
 from .hfkeys import TransformersRules, keep_used, own_class
 from .initialize import Initializer
@@ -28,6 +27,9 @@ from .plan import LoadPlan, make_plan, tiles, untiled
 from .progress import JobProgress, progress_wanted
 from .reader import ShardReader
 from .report import LoadReport, PeakMemorySampler
+from .routes.choose import maps_files, shares_node_copy
+from .routes.exchange import Exchange
+from .routes.image_layout import ImageLayout
 from .shm import SHM_DIR, NodeImage
 from .topology import Topology, node_key, node_name
 
@@ -269,9 +271,13 @@ def _allocate(targets: ModelTargets, outcome: _Outcome, topology: Topology, comm
     nonce = int(outcome.token, 16) >> 1
     try:
         _faults.check("plan", comm.rank)
-        if _wants_image(targets, comm, device, options):
+        if shares_node_copy(all_whole_on_cpu=targets.all_whole_on_cpu(),
+                            world_size=comm.world_size, group_device=comm.device,
+                            device=device, shared_memory=options.shared_memory):
             specs = targets.whole_specs(outcome.plan)
-            mapped = _maps_files(outcome.plan, specs, topology, options)
+            mapped = maps_files(outcome.plan, specs, topology,
+                                map_checkpoint=options.map_checkpoint,
+                                node_local=options.locality == "node")
             if not mapped:
                 layout = ImageLayout.of(outcome.plan, specs)
                 try:
@@ -314,33 +320,6 @@ def _allocate(targets: ModelTargets, outcome: _Outcome, topology: Topology, comm
         failure = failure_of(e, comm.rank, "plan")
     comm.agree(failure, [])
     return dests, None, None, False
-
-
-def _maps_files(plan: LoadPlan, specs: dict[str, tuple[torch.dtype, tuple[int, ...]]],
-                topology: Topology, options: LoadOptions) -> bool:
-    """Whether the page cache of the checkpoint files can be each node's image: the node reads
-    every byte itself (one node, or node-local loads), from safetensors files, and every tensor
-    keeps the checkpoint's dtype at an offset aligned for it (a view needs both). The same
-    answer on every rank: it depends on agreed inputs only."""
-    if not plan.identity or not options.map_checkpoint or (
-            topology.num_nodes > 1 and options.locality != "node"):
-        return False
-    return all(plan.file(b.file).kind == "safetensors"
-               and all(specs[s.key][0] == s.dtype and s.begin % s.dtype.itemsize == 0
-                       for s in b.slots)
-               for b in plan.buckets)
-
-
-def _wants_image(targets: ModelTargets, comm: Comm, device: torch.device,
-                 options: LoadOptions) -> bool:
-    """A node image serves loads where every rank wants every tensor whole, on the CPU."""
-    if options.shared_memory is False or comm.world_size == 1:
-        return False
-    if comm.device.type != "cpu" or device.type != "cpu":
-        if options.shared_memory:
-            raise ValueError("shared_memory=True needs a CPU process group (gloo) and device")
-        return False
-    return targets.all_whole_on_cpu()
 
 
 def _distribute(targets: ModelTargets, rules, outcome: _Outcome, dests, comm: Comm,

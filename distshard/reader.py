@@ -23,6 +23,7 @@ from .errors import DistShardError
 from .index import safe_path
 from .keymap import Conversion
 from .plan import Bucket, LoadPlan, PlannedFile, Slot
+from .routes.converted import read_converted
 
 __all__ = ["ShardReader", "map_files"]
 
@@ -47,7 +48,8 @@ class ShardReader:
         self.root = root
         self.plan = plan
         self.on_read = on_read  # told the bytes of each read as it completes (progress)
-        self.convert = convert  # runs a conversion bucket's operation on its sources
+        self.convert = convert  # runs a conversion bucket's operation on its sources (see
+        # distshard.routes.converted)
         self.bytes_read = 0
         self.files_read: list[str] = []
         self._name: str | None = None
@@ -73,7 +75,7 @@ class ShardReader:
     def read_slots(self, bucket: Bucket, views: list[torch.Tensor]) -> None:
         """Fill ``views[i]`` (CPU, uint8, contiguous, ``slots[i].nbytes``) with slot ``i``."""
         if bucket.conversion is not None:
-            self._converted(bucket, views)
+            read_converted(self, bucket, views)
             return
         with self._naming(bucket.file, bucket.slots[0].source_key):
             self._open(self.plan.file(bucket.file))
@@ -82,40 +84,19 @@ class ShardReader:
             else:
                 self._preadv(bucket, views)
 
-    def _converted(self, bucket: Bucket, views: list[torch.Tensor]) -> None:
-        """A conversion bucket: read its sources whole, run the conversion, and place each
-        model tensor it makes in its slot."""
-        tensors = {}
-        for src in bucket.sources:
-            out = tensors[src.key] = torch.empty(src.shape, dtype=src.dtype)
-            if src.begin is not None:  # safetensors: its byte range
-                self.read_range(src.file, src.key, src.begin, out)
-                continue
-            with self._naming(src.file, src.key):
-                self._open(self.plan.file(src.file))
-                self._copy_whole(src.file, src.key, out)
-        c = bucket.conversion
-        try:
-            made = self.convert(c, tensors)
-        except Exception as e:
-            raise DistShardError(
-                f"the conversion {c.name} of {list(c.sources)[:4]}... into {list(c.targets)} "
-                f"failed: {type(e).__name__}: {e}", file=bucket.file, key=c.sources[0]) from e
-        for slot, view in zip(bucket.slots, views):
-            value = made.get(slot.key)
-            if value is None or tuple(value.shape) != slot.shape:
-                raise DistShardError(
-                    f"the conversion {c.name} gave {None if value is None else list(value.shape)} "
-                    f"for {slot.key!r}, planned {list(slot.shape)}", key=slot.key)
-            view.view(slot.dtype).view(slot.shape).copy_(value)
-
-    def _copy_whole(self, file: str, key: str, out: torch.Tensor) -> None:
-        src = self._state.get(key)
-        if src is None or src.dtype != out.dtype or tuple(src.shape) != tuple(out.shape):
-            raise DistShardError(f"file {file!r} no longer holds key {key!r} as planned",
-                                 file=file, key=key)
-        out.copy_(src)
-        self._count(out.nbytes)
+    def read_source(self, src, out: torch.Tensor) -> None:
+        """Fill ``out`` with the whole checkpoint tensor ``src`` (a :class:`SourceRead`)."""
+        if src.begin is not None:  # safetensors: its byte range
+            self.read_range(src.file, src.key, src.begin, out)
+            return
+        with self._naming(src.file, src.key):
+            self._open(self.plan.file(src.file))
+            held = self._state.get(src.key)
+            if held is None or held.dtype != out.dtype or tuple(held.shape) != tuple(out.shape):
+                raise DistShardError(f"file {src.file!r} no longer holds key {src.key!r} as "
+                                     "planned", file=src.file, key=src.key)
+            out.copy_(held)
+            self._count(out.nbytes)
 
     def populate(self, bucket: Bucket) -> None:
         """Bring the bucket's bytes into the page cache, copying them nowhere: the node's ranks

@@ -13,7 +13,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from distshard.distribute import _start_in_slot
+from distshard.routes.own_rows import start_in_slot as _start_in_slot
 from distshard.hfkeys import TransformersRules
 from distshard.index import FileInfo, TensorInfo
 from distshard.keymap import (

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from distshard.distribute import ImageLayout
+from distshard.routes.image_layout import ImageLayout
 from distshard.index import FileInfo, TensorInfo
 from distshard.plan import ALIGN, assign_ranges, make_plan
 

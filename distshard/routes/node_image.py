@@ -1,0 +1,147 @@
+"""Every rank wants every tensor whole, on the CPU, and its node cannot map the checkpoint
+files (several nodes share the reading, ``.bin`` files, other dtypes, fused layouts): one image
+of the tensors per node, in ``/dev/shm`` (:class:`distshard.shm.NodeImage`, laid out by
+:class:`~distshard.routes.image_layout.ImageLayout`), into which each byte is read once per job.
+
+1. :data:`~distshard.routes.shared.READERS` threads read this rank's buckets straight into its
+   node's image (several reads in flight: one stream rarely fills a disk), converting to the
+   parameters' dtype on the way where they differ;
+2. meanwhile, in plan order, each bucket goes from its reader to one rank of every other node,
+   which receives it into that node's image (point to point; nothing on one node): converted
+   where that made it smaller, else as read, converted by the receiver (a reader keeps at most
+   one such bucket read and not yet sent);
+3. one barrier; then every rank's tensors are views of its private mapping of the image.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from ..plan import Bucket
+from ..reader import ShardReader
+from ..shm import NodeImage
+from .image_layout import ImageLayout
+from .shared import Context, Step, slot_tensor
+
+__all__ = ["NodeImageRoute"]
+
+
+class NodeImageRoute:
+    collective = True
+
+    def __init__(self, image: NodeImage, layout: ImageLayout) -> None:
+        self.image, self.layout = image, layout
+
+    def move(self, ctx: Context, steps: list[Step]) -> None:
+        run = [step.bucket for step in steps]  # every bucket of the load
+        me, topo = ctx.rank, ctx.topology
+        crossing = topo.num_nodes > 1 and not ctx.node_local
+        mine = [j for j, bucket in enumerate(run) if bucket.owner == me]
+        ready = {j: threading.Event() for j in mine}
+        as_read: dict[int, torch.Tensor] = {}  # read, not yet sent: buckets that cross as read
+        gates: dict[int, threading.Semaphore] = {}  # per reader: one such bucket at a time
+        room: dict[int, threading.Semaphore] = {}  # each such bucket's reader's gate
+        stop = threading.Event()  # a collective failed: readers leave their remaining buckets
+
+        def read_one(reader: ShardReader, j: int) -> None:
+            if stop.is_set():
+                return
+            keep = crossing and self._crosses_as_read(run[j])
+            if keep:
+                room[j] = gates.setdefault(id(reader), threading.Semaphore(1))
+                room[j].acquire()  # released once its previous such bucket has been sent
+                if stop.is_set():
+                    return
+            self._read(reader, run[j], as_read, j, keep)
+
+        def read(reader: ShardReader, j: int) -> None:
+            try:
+                ctx.guard("read", read_one, reader, j)
+            finally:
+                ready[j].set()  # even if it failed: the bucket is sent (and the load fails)
+
+        join = ctx.start_readers(mine, read)
+        try:
+            for j, bucket in enumerate(run):
+                if bucket.owner == me:
+                    ready[j].wait()  # sent in plan order, whichever thread read it
+                else:
+                    ctx.bytes_received += bucket.nbytes
+                if crossing:
+                    self._cross_nodes(ctx, j, bucket, as_read.pop(j, None))
+                    if j in room:
+                        room[j].release()
+        except BaseException:  # a peer is gone: no reader may wait for a send that won't come
+            stop.set()
+            for gate in list(gates.values()):
+                gate.release()
+            join()
+            raise
+        join()
+        ctx.comm.barrier()
+        ctx.guard("distribute", self._map, ctx, run)
+
+    def _read(self, reader: ShardReader, bucket: Bucket, as_read: dict[int, torch.Tensor],
+              j: int, keep: bool) -> None:
+        """Read ``bucket`` into the image; keep it as read in ``as_read[j]`` too if ``keep``.
+        Straight into the image where every slot keeps its dtype and is contiguous there (a
+        whole tensor, rows of one, an expert's box of a fused tensor), else through one staged
+        bucket."""
+        layout, data = self.layout, self.image.data
+        if not keep and all(s.dtype == layout.dtype[s.key] and layout.contiguous(s)
+                            for s in bucket.slots):  # each slot straight into its place
+            reader.read_slots(bucket, [layout.slot_bytes(data, s) for s in bucket.slots])
+            return
+        staged = torch.empty(bucket.nbytes, dtype=torch.uint8)  # one bucket per thread
+        reader.read(bucket, staged)
+        self._convert_into_image(bucket, staged)
+        if keep:
+            as_read[j] = staged
+
+    def _convert_into_image(self, bucket: Bucket, staged: torch.Tensor) -> None:
+        for s in bucket.slots:
+            self.layout.slot_view(self.image.data, s).copy_(slot_tensor(staged, s))
+
+    def _crosses_as_read(self, bucket: Bucket) -> bool:
+        """Whether the bucket crosses nodes as read, each receiving node putting it in its
+        image: where it is not one run of the image (boxes of fused tensors), or is smaller as
+        read than converted (its dtypes widen). The same on every rank."""
+        run = self.layout.run(bucket)
+        if run is None:
+            return True
+        return (any(s.dtype != self.layout.dtype[s.key] for s in bucket.slots)
+                and bucket.nbytes < run[1] - run[0])
+
+    def _cross_nodes(self, ctx: Context, j: int, bucket: Bucket,
+                     as_read: torch.Tensor | None) -> None:
+        """The bucket's reader sends it to one rank of every other node (a different local rank
+        for consecutive buckets, so that receiving is spread too): its bytes in the image, or
+        as read (``as_read``; a reader that failed sends whatever its buffer holds, the failure
+        is agreed on later), which the receiver converts into its node's image."""
+        topo, me = ctx.topology, ctx.rank
+        raw = self._crosses_as_read(bucket)
+        if raw and (me != bucket.owner or as_read is None):
+            view = ctx.buffers.get("cross", bucket.nbytes)
+        else:
+            view = as_read if raw else self.layout.bucket_bytes(self.image.data, bucket)
+        sends, recvs = [], []
+        for node in range(topo.num_nodes):
+            if node == topo.node_of[bucket.owner]:
+                continue
+            local = topo.ranks_on(node)
+            receiver = local[j % len(local)]
+            if me == bucket.owner:
+                sends.append((view, receiver))
+            elif me == receiver:
+                recvs.append((view, bucket.owner))
+        ctx.comm.exchange(sends, recvs)
+        if raw and recvs:
+            ctx.guard("distribute", self._convert_into_image, bucket, view)
+
+    def _map(self, ctx: Context, run: list[Bucket]) -> None:
+        ctx.dests = self.layout.tensors(self.image.private())
+        for bucket in run:
+            for slot in bucket.slots:
+                ctx.fill(slot.key, slot.extent)
