@@ -1,0 +1,108 @@
+"""N gloo ranks in spawned processes, each with a deadline (see :mod:`distshard.testing`)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+__all__ = ["DEFAULT_TIMEOUT", "RanksFailed", "run_ranks"]
+
+DEFAULT_TIMEOUT = 120.0
+_HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+class RanksFailed(AssertionError):
+    """One or more ranks raised, exited, or missed the deadline. ``errors`` maps rank -> text;
+    ``results`` maps the other ranks to what they returned."""
+
+    def __init__(self, message: str, errors: dict[int, str], results: dict[int, Any]) -> None:
+        super().__init__(message)
+        self.errors = errors
+        self.results = results
+
+
+def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = DEFAULT_TIMEOUT,
+              backend: str = "gloo", env: dict[str, str] | None = None) -> list[Any]:
+    """Call ``fn(rank, world_size, *args)`` on ``world_size`` ranks; return their results in
+    rank order. ``fn`` and ``args`` must be picklable; the process group is initialised before
+    ``fn`` runs and destroyed after."""
+    __tracebackhide__ = True  # pytest shows the ranks' tracebacks, not this function's source
+    tmp = tempfile.mkdtemp(prefix="distshard-ranks-")
+    results = mp.get_context("spawn").SimpleQueue()
+    ctx = mp.start_processes(
+        _rank_main, args=(fn, world_size, args, os.path.join(tmp, "rdzv"), results, backend,
+                          timeout, env or {}),
+        nprocs=world_size, join=False, start_method="spawn")
+    try:
+        return _collect(ctx, results, world_size, timeout)
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+            p.join()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _collect(ctx, results, world_size: int, timeout: float) -> list[Any]:
+    __tracebackhide__ = True
+    deadline = time.monotonic() + timeout
+    done: dict[int, tuple[bool, Any]] = {}
+    while len(done) < world_size:
+        while not results.empty():
+            rank, ok, value = results.get()
+            done[rank] = (ok, value)
+        if len(done) == world_size:
+            break
+        for rank, p in enumerate(ctx.processes):
+            if rank not in done and p.exitcode is not None and results.empty():
+                done[rank] = (False, f"rank {rank} exited with code {p.exitcode} without a result")
+        if time.monotonic() > deadline:
+            for rank in range(world_size):
+                done.setdefault(rank, (False, f"rank {rank} did not finish within {timeout:.0f} s "
+                                              "(hung?); all ranks were killed"))
+            break
+        time.sleep(0.05)
+    errors = {rank: value for rank, (ok, value) in sorted(done.items()) if not ok}
+    if errors:
+        text = "\n".join(f"--- rank {rank} ---\n{msg}" for rank, msg in errors.items())
+        results = {rank: value for rank, (ok, value) in sorted(done.items()) if ok}
+        raise RanksFailed(f"{len(errors)} of {world_size} rank(s) failed:\n{text}", errors, results)
+    return [done[rank][1] for rank in range(world_size)]
+
+
+def _rank_main(rank, fn, world_size, args, rdzv_file, results, backend, timeout, env) -> None:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.update(env)
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group(backend, init_method=f"file://{rdzv_file}", rank=rank,
+                                world_size=world_size, timeout=timedelta(seconds=timeout))
+        # Every rank connected before any runs: a rank that fails at once and exits while a
+        # peer is still inside gloo's init_process_group would fail that peer there, and the
+        # peer's own error would be lost.
+        dist.barrier()
+        value = fn(rank, world_size, *args)
+        results.put((rank, True, value))
+    except BaseException as e:
+        results.put((rank, False, _format_failure(e)))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _format_failure(e: BaseException) -> str:
+    """The traceback from the first frame outside this package: the rank's own code."""
+    tb = e.__traceback__
+    while tb is not None and os.path.dirname(os.path.abspath(tb.tb_frame.f_code.co_filename)) == _HERE:
+        tb = tb.tb_next
+    return "".join(traceback.format_exception(type(e), e, tb or e.__traceback__))
