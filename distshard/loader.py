@@ -4,6 +4,7 @@ at the same point, and the model is changed only after the last agreement."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -18,11 +19,13 @@ import torch.distributed as dist
 
 from . import _faults
 from .comm import Comm, failure_of
+from .copies import digests, local_plan
 from .errors import DistShardError
 from .hfkeys import TransformersRules, keep_used, own_class
 from .initialize import Initializer
 from .keys import converter, key_rules, log_keys, match_model
 from .materialize import ModelTargets
+from .options import DEFAULT_BUCKET_SIZE, DEFAULT_TIMEOUT, LoadOptions
 from .plan import LoadPlan, make_plan, tiles, untiled
 from .progress import JobProgress, progress_wanted
 from .reader import ShardReader
@@ -36,52 +39,6 @@ from .topology import Topology, node_key, node_name
 __all__ = ["DEFAULT_BUCKET_SIZE", "LoadOptions", "load"]
 
 logger = logging.getLogger("distshard")
-
-# Large enough that per-collective latency is amortised, small enough to stay a footnote
-# next to the model itself.
-DEFAULT_BUCKET_SIZE = 64 * 2**20
-# How long a rank waits for another in one step. The longest wait of a healthy load is rank 0
-# reading every header, or the slowest rank reading its whole share of row shards (17.5 GB of a
-# 70B model at 100 MB/s is 3 minutes): ten minutes leaves room.
-DEFAULT_TIMEOUT = timedelta(minutes=10)
-
-
-@dataclass(kw_only=True, slots=True)
-class LoadOptions:
-    device: torch.device | None = None
-    dtype: torch.dtype | None = None
-    strict: bool = True
-    bucket_size: int = DEFAULT_BUCKET_SIZE
-    read_own_slices: bool = True
-    timeout: timedelta = DEFAULT_TIMEOUT
-    log_summary: bool = True
-    shared_memory: bool | None = None
-    map_checkpoint: bool = True
-    locality: str = "cluster"
-    progress: bool | None = None
-    key_mapping: dict[str, str] | None = None
-
-    def __post_init__(self) -> None:
-        if self.key_mapping is not None and not (isinstance(self.key_mapping, dict) and all(
-                isinstance(k, str) and isinstance(v, str) for k, v in self.key_mapping.items())):
-            raise ValueError("key_mapping must be a dict of regular expressions to replacements, "
-                             f"got {self.key_mapping!r}")
-        if self.locality not in ("cluster", "node"):
-            raise ValueError(f"locality must be 'cluster' or 'node', got {self.locality!r}")
-        if isinstance(self.timeout, (int, float)):
-            self.timeout = timedelta(seconds=self.timeout)
-        if not isinstance(self.timeout, timedelta) or self.timeout.total_seconds() <= 0:
-            raise ValueError(f"timeout must be a positive timedelta or seconds, got {self.timeout!r}")
-        if not isinstance(self.bucket_size, int) or self.bucket_size < 1:
-            raise ValueError(f"bucket_size must be a positive number of bytes, got {self.bucket_size!r}")
-        if self.dtype is not None and not (isinstance(self.dtype, torch.dtype)
-                                           and self.dtype.is_floating_point):
-            raise ValueError(f"dtype must be a floating torch.dtype or None, got {self.dtype!r}")
-        if self.device is not None:
-            self.device = torch.device(self.device)
-            if self.device.type == "meta":
-                raise ValueError("device='meta' would load nothing; pass a real device")
-
 
 @dataclass(frozen=True, slots=True)
 class _Outcome:
@@ -99,6 +56,7 @@ class _Outcome:
     converted_keys: tuple[str, ...] = ()  # made by a conversion of whole checkpoint tensors
     seed: int = 0  # of the new tensors' initialisation
     used_conversions: list | None = None  # transformers' transforms the mapping used
+    copies: tuple | None = None  # rank 0's node and file digests, for other nodes' copies
 
 
 def load(
@@ -256,8 +214,16 @@ def _plan(model, checkpoint, comm: Comm,
                            progress_wanted(0) if options.progress is None else options.progress,
                            tuple(initialized),
                            tuple(sorted(n for k in initialized for n in targets.by_name[k].names)),
-                           tuple(converted), torch.initial_seed(), used)
-    return targets, rules, comm.broadcast_object(outcome), topology
+                           tuple(converted), torch.initial_seed(), used,
+                           digests(root, plan, topology))
+    outcome = comm.broadcast_object(outcome)
+    failure, plan = None, outcome.plan
+    try:  # this node's copy of each file is the one planned
+        plan = local_plan(outcome.root, plan, outcome.copies, topology, comm.rank)
+    except Exception as e:
+        failure = failure_of(e, comm.rank, "validate")
+    comm.agree(failure, [])
+    return targets, rules, dataclasses.replace(outcome, plan=plan), topology
 
 
 def _allocate(targets: ModelTargets, outcome: _Outcome, topology: Topology, comm: Comm,
