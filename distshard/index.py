@@ -122,8 +122,11 @@ def _from_file(p: Path, kind: str) -> Checkpoint:
     if not p.name.endswith(".index.json"):
         return Checkpoint(root=root, kind=kind, files=(p.name,), weight_map=None)
     weight_map, metadata = _read_index(p)
-    for key, name in weight_map.items():
-        safe_path(root, name, key=key)  # refuse bad paths before touching any file
+    checked = set()
+    for key, name in weight_map.items():  # refuse bad paths before touching any file
+        if name not in checked:  # each file once (the error names its first key)
+            safe_path(root, name, key=key)
+            checked.add(name)
     return Checkpoint(root=root, kind=kind, files=tuple(sorted(set(weight_map.values()))),
                       weight_map=weight_map, metadata=metadata)
 

@@ -96,8 +96,10 @@ def match_checkpoint(
     parts: dict[str, list[Part]] = {}
     outputs: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
     loaded, tied_copies, used = [], [], []
+    formed = keymap.formed  # a set built on each call: once here
+    used_ids: set[int] = set()
     for target in targets:
-        present = [n for n in target.names if n in keymap.formed]
+        present = [n for n in target.names if n in formed]
         if not present:
             continue
         name = present[0]  # tied names share one tensor: read it once
@@ -112,13 +114,15 @@ def match_checkpoint(
             c = conversion_of[name]
             _check_conversion(name, c, target, checkpoint, where)
             outputs[name] = (target.shape, target.dtype)
-            if c not in used:
+            if id(c) not in used_ids:  # one object per conversion (a target is formed once)
+                used_ids.add(id(c))
                 used.append(c)
         loaded.extend(present)
-    aliases, extra = _aliases(targets, tied or {}, keymap, conversion_of, set(loaded), parts,
-                              outputs, checkpoint, where)
+    aliases, extra = _aliases(targets, tied or {}, keymap, formed, conversion_of, set(loaded),
+                              parts, outputs, checkpoint, where)
     loaded.extend(aliases)
-    missing = sorted(n for t in targets for n in t.names if not set(t.names) & set(loaded))
+    done = set(loaded)
+    missing = sorted(n for t in targets if done.isdisjoint(t.names) for n in t.names)
     unexpected = sorted(keymap.unexpected)
     if strict and (missing or unexpected):
         raise DistShardError(_strict_message(missing, unexpected, keymap, initializable),
@@ -135,7 +139,7 @@ def match_checkpoint(
 
 
 def _aliases(targets: Sequence[TargetSpec], tied: Mapping[str, str], keymap: KeyMap,
-             conversion_of: Mapping[str, Conversion], loaded: set[str],
+             formed: set[str], conversion_of: Mapping[str, Conversion], loaded: set[str],
              parts: dict[str, list[Part]], outputs: dict, checkpoint,
              where) -> tuple[dict[str, str], dict[int, list[tuple[str, str]]]]:
     """Tied keys the checkpoint lacks, read from the checkpoint tensors of the key they are
@@ -144,12 +148,12 @@ def _aliases(targets: Sequence[TargetSpec], tied: Mapping[str, str], keymap: Key
     group_of = {n: t for t in targets for n in t.names}
     aliases, extra = {}, {}
     for target in targets:
-        if set(target.names) & loaded:
+        if not loaded.isdisjoint(target.names):
             continue
         for name in target.names:
             source = tied.get(name)
             # the checkpoint may hold the source under another name of its own tied group
-            source = next((n for n in group_of[source].names if n in keymap.formed),
+            source = next((n for n in group_of[source].names if n in formed),
                           None) if source in group_of else None
             if source is None:
                 continue
