@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from .errors import DistShardError, RankFailure
+from .plan import paused_gc
 
 __all__ = ["Comm", "failure_of"]
 
@@ -88,7 +89,7 @@ class Comm:
         padded = torch.zeros(max(sizes), dtype=torch.uint8, device=self.device)
         padded[:data.numel()] = data
         rows = self.all_gather(padded)
-        return [pickle.loads(r[:n].cpu().numpy().tobytes()) for r, n in zip(rows, sizes)]
+        return [_loads(r[:n]) for r, n in zip(rows, sizes)]
 
     def broadcast_object(self, obj: object, src: int = 0) -> object:
         if self.world_size == 1:
@@ -99,10 +100,12 @@ class Comm:
         if data is None:
             data = torch.empty(int(size), dtype=torch.uint8, device=self.device)
         self.broadcast(data, src)
-        return obj if self.rank == src else pickle.loads(data.cpu().numpy().tobytes())
+        return obj if self.rank == src else _loads(data)
 
     def _to_bytes(self, obj: object) -> torch.Tensor:
-        return torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8).to(self.device)
+        with paused_gc():  # a plan is an object or more per tensor (see paused_gc)
+            data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+        return torch.frombuffer(bytearray(data), dtype=torch.uint8).to(self.device)
 
     def agree(self, failure: RankFailure | None, stats: list[int]) -> list[list[int]]:
         """Exchange each rank's failure flag and integer ``stats``; return every rank's stats.
@@ -118,6 +121,11 @@ class Comm:
             raise DistShardError.from_failures([f for f in failures if f is not None],
                                                self.action)
         return [r[1:].tolist() for r in rows]
+
+
+def _loads(data: torch.Tensor) -> object:
+    with paused_gc():
+        return pickle.loads(data.cpu().numpy().tobytes())
 
 
 def _backend_device(backend: str) -> torch.device:

@@ -6,7 +6,9 @@ walks ``plan.buckets`` in the same order, which is what keeps the collectives ma
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gc
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -28,6 +30,7 @@ __all__ = [
     "assign_ranges",
     "intersect",
     "make_plan",
+    "paused_gc",
     "payload_layout",
     "scaled_bucket_size",
     "tiles",
@@ -132,6 +135,44 @@ class LoadPlan:
     def file(self, name: str) -> PlannedFile:
         return next(f for f in self.files if f.name == name)
 
+    def __reduce__(self):
+        # Pickled as plain tuples (see _to_wire): rank 0 sends the plan to every rank, and a
+        # dataclass per slot pickles and unpickles about 4x slower than a tuple per slot.
+        return _from_wire, (_to_wire(self),)
+
+
+def _to_wire(plan: LoadPlan) -> tuple:
+    """``plan`` as tuples: each slot one tuple, its dtype, shape and origin as indices into
+    tables of the distinct ones, its source None where it is the key (the same string)."""
+    table: dict = {}  # distinct dtypes, shapes and origins -> index
+
+    def index(value) -> int:
+        i = table.get(value)
+        if i is None:
+            i = table[value] = len(table)
+        return i
+
+    buckets = []
+    for b in plan.buckets:
+        slots = tuple((s.key, index(s.dtype), index(s.shape), s.begin, s.offset, s.nbytes,
+                       index(s.at), None if s.source is s.key else s.source, s.first)
+                      for s in b.slots)
+        buckets.append((b.owner, b.file, b.nbytes, slots, b.conversion, b.sources))
+    return (plan.world_size, plan.bucket_size, plan.files, plan.identity, tuple(table),
+            tuple(buckets))
+
+
+def _from_wire(wire: tuple) -> LoadPlan:
+    world_size, bucket_size, files, identity, values, buckets = wire
+    with paused_gc():
+        return LoadPlan(world_size, bucket_size, files, tuple(
+            Bucket(owner, file, nbytes, tuple(
+                Slot(key, values[dtype], values[shape], begin, offset, n, values[at],
+                     key if source is None else source, first)
+                for key, dtype, shape, begin, offset, n, at, source, first in slots),
+                conversion, sources)
+            for owner, file, nbytes, slots, conversion, sources in buckets), identity)
+
 
 def assign_ranges(nbytes: Sequence[int], world_size: int) -> list[int]:
     """Cut a sequence of byte runs (the buckets of every file, in file order) into
@@ -199,6 +240,11 @@ def make_plan(files: Sequence[FileInfo], world_size: int, bucket_size: int,
     """
     if bucket_size < 1:
         raise ValueError(f"bucket_size must be positive, got {bucket_size}")
+    with paused_gc():
+        return _make_plan(files, world_size, bucket_size, readers, parts, conversions, outputs)
+
+
+def _make_plan(files, world_size, bucket_size, readers, parts, conversions, outputs) -> LoadPlan:
     readers = [tuple(g) for g in readers] if readers is not None else [tuple(range(world_size))]
     total = sum(t.nbytes for f in files for t in f.tensors.values())
     bucket_size = scaled_bucket_size(bucket_size, total, max(len(g) for g in readers))
@@ -227,34 +273,48 @@ def _pack(f: FileInfo, bucket_size: int, parts: Mapping[str, Sequence[Part]] | N
     buckets: list[Bucket] = []
     open_slots: list[Slot] = []
     end = 0
-    for runs in (r for key, t in order for r in _slots(key, t, bucket_size, parts)):
-        if len(runs) > 1 or runs[0].nbytes > bucket_size:  # a bucket of its own for each run
-            if open_slots:  # keep file order: close the open bucket first
+    for key, t in order:
+        size = t.dtype.itemsize
+        if parts is None:  # the tensor whole, under its own name (a leaf)
+            mine = None
+            nbytes = t.nbytes
+        else:
+            mine = parts.get(key, ())
+            if not mine:
+                continue
+            if len(mine) > 1:  # in file order
+                mine = sorted(mine, key=lambda p: contiguous_start(p.source_box, t.shape))
+        for p in (None,) if mine is None else mine:
+            if p is not None:
+                nbytes = p.numel * size
+            if nbytes > bucket_size:  # a bucket of its own for each run
+                if open_slots:  # keep file order: close the open bucket first
+                    buckets.append(Bucket(0, f.name, end, tuple(open_slots)))
+                    open_slots, end = [], 0
+                runs = _runs(p if p is not None else leaf(key, t.shape).named(key)[0], t,
+                             bucket_size)
+                buckets.extend(Bucket(0, f.name, s.nbytes, (s,)) for s in runs)
+                continue
+            offset = align(end)
+            if open_slots and offset + nbytes > bucket_size:
                 buckets.append(Bucket(0, f.name, end, tuple(open_slots)))
-                open_slots, end = [], 0
-            buckets.extend(Bucket(0, f.name, s.nbytes, (s,)) for s in runs)
-            continue
-        s = runs[0]
-        offset = align(end)
-        if open_slots and offset + s.nbytes > bucket_size:
-            buckets.append(Bucket(0, f.name, end, tuple(open_slots)))
-            open_slots, offset = [], 0
-        open_slots.append(dataclasses.replace(s, offset=offset))
-        end = offset + s.nbytes
+                open_slots, offset = [], 0
+            open_slots.append(_slot(key, t, p, offset, nbytes))
+            end = offset + nbytes
     if open_slots:
         buckets.append(Bucket(0, f.name, end, tuple(open_slots)))
     return buckets
 
 
-def _slots(key: str, t: TensorInfo, bucket_size: int,
-           parts: Mapping[str, Sequence[Part]] | None) -> list[list[Slot]]:
-    """The slots that read checkpoint tensor ``key``, per part (in file order): one, or for a
-    part larger than ``bucket_size`` its runs along its leading dimension."""
-    if parts is None:
-        mine = list(leaf(key, t.shape).named(key))
-    else:
-        mine = sorted(parts.get(key, ()), key=lambda p: contiguous_start(p.source_box, t.shape))
-    return [_runs(p, t, bucket_size) for p in mine]
+def _slot(key: str, t: TensorInfo, p: Part | None, offset: int, nbytes: int) -> Slot:
+    """The one slot of part ``p`` of checkpoint tensor ``key`` (None: all of it, as itself),
+    at ``offset`` of its bucket."""
+    if p is None:
+        return Slot(key, t.dtype, t.shape, t.begin, offset, nbytes, (0,) * len(t.shape), key, 0)
+    sbox = p.source_box
+    first = 0 if sbox[1] == t.shape else contiguous_start(sbox, t.shape)  # a whole box starts at 0
+    begin = None if t.begin is None else t.begin + first * t.dtype.itemsize
+    return Slot(p.target, t.dtype, p.box[1], begin, offset, nbytes, p.box[0], p.source, first)
 
 
 def _runs(p: Part, t: TensorInfo, bucket_size: int) -> list[Slot]:
@@ -316,13 +376,17 @@ def payload_layout(bucket: Bucket, boxes: Mapping[str, Box]) -> tuple[tuple[Piec
     """
     pieces, end = [], 0
     for slot in bucket.slots:
-        box = intersect(slot.extent, boxes[slot.key]) if slot.key in boxes else slot.extent
+        if boxes and slot.key in boxes:
+            box = intersect(slot.extent, boxes[slot.key])
+        else:
+            box = (slot.at or (0,) * len(slot.shape), slot.shape)  # slot.extent
         numel = 1
         for size in box[1]:
             numel *= size
-        offset = align(end)
-        pieces.append(Piece(slot, box, offset, numel * slot.dtype.itemsize))
-        end = offset + pieces[-1].nbytes
+        offset = (end + ALIGN - 1) // ALIGN * ALIGN
+        nbytes = numel * slot.dtype.itemsize
+        pieces.append(Piece(slot, box, offset, nbytes))
+        end = offset + nbytes
     return tuple(pieces), end
 
 
@@ -363,6 +427,21 @@ def untiled(key: str, shape: tuple[int, ...]) -> str:
     return (f"the local shards of DTensor {key!r} do not cut its shape {list(shape)} into "
             "parts, one box per rank (a placement such as _StridedShard on its own interleaves "
             "rows): distshard loads and saves Shard and Replicate placements")
+
+
+@contextlib.contextmanager
+def paused_gc():
+    """No cyclic garbage collection inside (as it was again after): a load makes several objects
+    per tensor, and each full collection walks every object the process holds (a model of
+    100,000 tensors holds millions), so collections triggered by those objects alone cost about
+    30 us per tensor here. Nothing made inside depends on being collected early."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
 
 
 def align(n: int) -> int:
