@@ -7,6 +7,7 @@ rank agreed that everything arrived; until then loaded values live in fresh tens
 from __future__ import annotations
 
 import hashlib
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -16,7 +17,7 @@ from torch.distributed.tensor._utils import compute_local_shape_and_global_offse
 from .errors import DistShardError
 from .initialize import Initializer, unwritten
 from .keymap import region, whole
-from .plan import Box, LoadPlan
+from .plan import Box, LoadPlan, paused_gc
 from .validate import TargetSpec
 
 __all__ = ["ModelTargets"]
@@ -61,55 +62,100 @@ def box_of(t: torch.Tensor, name: str) -> Box:
 
 
 def _is_meta(t: torch.Tensor) -> bool:
-    return t.device.type == "meta"
+    if isinstance(t, DTensor):
+        return t.device.type == "meta"
+    return t.is_meta  # the same, without making a device object
+
+
+def named_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """``list(model.named_modules(remove_duplicate=False))``, in the same order, without a
+    generator per level (about 3x faster on a model of 100,000 modules)."""
+    out = []
+    stack = [("", model)]
+    while stack:
+        prefix, module = stack.pop()
+        out.append((prefix, module))
+        children = module._modules
+        if children:
+            dot = prefix + "." if prefix else ""
+            stack.extend(reversed([(dot + name, child) for name, child in children.items()
+                                   if child is not None]))
+    return out
 
 
 class ModelTargets:
     """Parameters and persistent buffers of ``model``, grouped by tensor object (tied weights
-    form one group), plus the non-persistent buffers, which are never loaded."""
+    form one group), plus the non-persistent buffers, which are never loaded. Names are
+    interned: the plan and the key lists name tensors with the same string objects, which a
+    pickle then holds once."""
 
     def __init__(self, model: torch.nn.Module, dtype: torch.dtype | None = None) -> None:
+        with paused_gc():
+            self._collect(model, dtype)
+
+    def _collect(self, model: torch.nn.Module, dtype: torch.dtype | None) -> None:
+        modules = named_modules(model)
         tie = getattr(model, "tie_weights", None)
-        if callable(tie) and not any(isinstance(p, DTensor) for p in model.parameters()):
+        if callable(tie) and not any(isinstance(p, DTensor) for _, m in modules
+                                     for p in m._parameters.values()):
             # Hugging Face models re-tie here: construction under accelerate's
             # init_empty_weights leaves tied parameters as separate meta tensors. A sharded
             # model must be tied before fully_shard / parallelize_module, which see the ties.
             tie()
+            modules = named_modules(model)  # (as the model is now, whatever tying did)
         self.model = model
         self.dtype = dtype
-        self._groups: dict[int, _Target] = {}
-        self._extra_buffers: dict[int, _Target] = {}
-        for prefix, module in model.named_modules(remove_duplicate=False):
-            dot = f"{prefix}." if prefix else ""
-            for name, p in module._parameters.items():
-                if p is not None:
-                    self._add(self._groups, module, name, dot + name, p, True)
-            for name, b in module._buffers.items():
+        self._specs: list[TargetSpec] | None = None
+        groups: dict[int, _Target] = {}
+        extra: dict[int, _Target] = {}
+        intern = sys.intern
+        for prefix, module in modules:
+            params, buffers = module._parameters, module._buffers
+            if not params and not buffers:
+                continue
+            dot = prefix + "." if prefix else ""
+            for name, p in params.items():
+                if p is None:
+                    continue
+                full = intern(dot + name)
+                target = groups.get(id(p))
+                if target is None:
+                    groups[id(p)] = _Target([full], p, True, box_of(p, full), [(module, name)])
+                else:
+                    target.names.append(full)
+                    target.refs.append((module, name))
+            for name, b in buffers.items():
                 if b is None:
                     continue
-                persistent = name not in module._non_persistent_buffers_set
-                table = self._groups if persistent else self._extra_buffers
-                self._add(table, module, name, dot + name, b, False)
-        self.by_name = {n: t for t in self._groups.values() for n in t.names}
-
-    @staticmethod
-    def _add(table, module, attr, full_name, tensor, is_param) -> None:
-        target = table.get(id(tensor))
-        if target is None:
-            target = table[id(tensor)] = _Target([], tensor, is_param, box_of(tensor, full_name))
-        target.names.append(full_name)
-        target.refs.append((module, attr))
+                full = intern(dot + name)
+                table = extra if name in module._non_persistent_buffers_set else groups
+                target = table.get(id(b))
+                if target is None:
+                    table[id(b)] = _Target([full], b, False, box_of(b, full), [(module, name)])
+                else:
+                    target.names.append(full)
+                    target.refs.append((module, name))
+        self._groups, self._extra_buffers = groups, extra
+        self.by_name = {n: t for t in groups.values() for n in t.names}
 
     def target_dtype(self, t: torch.Tensor) -> torch.dtype:
         return self.dtype if self.dtype is not None and t.dtype.is_floating_point else t.dtype
 
     def specs(self) -> list[TargetSpec]:
-        return [TargetSpec(tuple(sorted(t.names)), tuple(t.tensor.shape), self.target_dtype(t.tensor))
-                for t in self._groups.values()]
+        """What the model holds, one spec per tensor group (made once: names, shapes and
+        dtypes do not change during a load)."""
+        if self._specs is None:
+            with paused_gc():
+                self._specs = [TargetSpec(tuple(sorted(t.names)), tuple(t.tensor.shape),
+                                          self.target_dtype(t.tensor))
+                               for t in self._groups.values()]
+        return self._specs
 
     def signature(self) -> int:
         """A 63-bit digest of names, shapes and dtypes: equal on ranks that built one model."""
-        text = "\n".join(sorted(f"{s.names}:{list(s.shape)}:{s.dtype}" for s in self.specs()))
+        specs = self.specs()
+        with paused_gc():
+            text = repr(sorted((s.names, s.shape, str(s.dtype)) for s in specs))
         return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1
 
     @property
@@ -128,6 +174,8 @@ class ModelTargets:
         dests = {}
         for bucket in plan.buckets:
             for slot in bucket.slots:
+                if slot.key in dests:  # one of several slots (runs) of a tensor
+                    continue
                 target = self.by_name[slot.key]
                 dests[slot.key] = torch.empty(target.box[1], dtype=self.target_dtype(target.tensor),
                                               device=target.home(device))
@@ -136,8 +184,14 @@ class ModelTargets:
     def all_whole_on_cpu(self) -> bool:
         """Whether this rank wants every tensor whole (no sharded DTensor) and on the CPU (or on
         meta, to land on the CPU)."""
-        return all(t.box == whole(t.tensor.shape)
-                   and t.tensor.device.type in ("cpu", "meta") for t in self._groups.values())
+        for t in self._groups.values():
+            tensor = t.tensor
+            if isinstance(tensor, DTensor):
+                if t.box != whole(tensor.shape) or tensor.device.type not in ("cpu", "meta"):
+                    return False
+            elif not (tensor.is_cpu or tensor.is_meta):  # a plain tensor's box is all of it
+                return False
+        return True
 
     def whole_specs(self, plan: LoadPlan) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
         """The dtype and shape every key of the plan loads to, when it is loaded whole."""
@@ -190,7 +244,7 @@ class ModelTargets:
     def check_complete(self, loaded: set[str]) -> None:
         """Refuse to commit a model that would keep a tensor on meta."""
         left = sorted(n for t in self._groups.values() if _is_meta(t.tensor)
-                      and not loaded.intersection(t.names) for n in t.names)
+                      and loaded.isdisjoint(t.names) for n in t.names)
         left += sorted(n for t in self._extra_buffers.values() if _is_meta(t.tensor) for n in t.names)
         if left:
             raise DistShardError(
@@ -206,8 +260,20 @@ class ModelTargets:
         tied name gets the same object; a DTensor keeps its mesh, placements and global shape);
         real ones keep their identity, so optimizers and hooks that hold them stay valid.
         Buffers the checkpoint does not hold move to ``device``."""
+        with paused_gc():
+            self._commit(dests)
+        for target in self._extra_buffers.values():
+            if not target.is_dtensor and target.tensor.device != device:
+                moved = target.tensor.to(device)
+                for module, attr in target.refs:
+                    module._buffers[attr] = moved
+                target.tensor = moved
+
+    def _commit(self, dests: dict[str, torch.Tensor]) -> None:
+        parameter = torch.nn.Parameter
         for target in self._groups.values():
-            key = next((n for n in target.names if n in dests), None)
+            names = target.names
+            key = names[0] if names[0] in dests else next((n for n in names if n in dests), None)
             if key is None:
                 continue
             value, old = dests[key], target.tensor
@@ -221,13 +287,7 @@ class ModelTargets:
             if target.is_dtensor:
                 value = DTensor.from_local(value, old.device_mesh, old.placements, run_check=False,
                                            shape=old.shape, stride=old.stride())
-            new = torch.nn.Parameter(value, requires_grad=old.requires_grad) if target.is_param else value
+            new = parameter(value, requires_grad=old.requires_grad) if target.is_param else value
             for module, attr in target.refs:
                 (module._parameters if target.is_param else module._buffers)[attr] = new
             target.tensor = new
-        for target in self._extra_buffers.values():
-            if not target.is_dtensor and target.tensor.device != device:
-                moved = target.tensor.to(device)
-                for module, attr in target.refs:
-                    module._buffers[attr] = moved
-                target.tensor = moved
