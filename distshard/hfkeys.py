@@ -82,14 +82,15 @@ class TransformersRules:
         present = dict.fromkeys(model, True)  # rename_source_key asks .get(key) is not None
         builder = MapBuilder(model)
         groups: dict[str, tuple[int, dict[str, list[str]]]] = {}
-        for key in sorted(checkpoint, key=dot_natural_key):  # the order transformers collects in
+        # in the order transformers collects them
+        for key in sorted(checkpoint, key=_natural_order(dot_natural_key)):
             target, pattern = rename_source_key(key, self.renamings, self.converters,
                                                 self.model.base_model_prefix, present)
             if target not in present and key in present:  # transformers' own fallback
                 target, pattern = rename_source_key(key, [], [], self.model.base_model_prefix,
                                                     present)
             if pattern is None or target not in present:
-                builder.add(target, leaf(key, checkpoint[key][0]), key)
+                builder.add_leaf(target, key, checkpoint[key][0])
                 continue
             _, collected = groups.setdefault(target, (self._by_pattern[pattern], {}))
             collected.setdefault(pattern, []).append(key)
@@ -240,9 +241,18 @@ def own_classes(model: torch.nn.Module):
     ``replicate``) give a wrapped module a class of their own (``FSDPLlamaForCausalLM``, a
     subclass of ``LlamaForCausalLM``). While the lookup runs, each such module has its own class
     back."""
-    swapped = []
-    for module in model.modules():
-        cls, own = type(module), own_class(module)
+    swapped, owns = [], {}  # class -> its own (one lookup per class, not per module)
+    seen, stack = set(), [model]  # model.modules(), without a generator per level
+    while stack:
+        module = stack.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        stack.extend(m for m in module._modules.values() if m is not None)
+        cls = type(module)
+        own = owns.get(cls)
+        if own is None:
+            own = owns[cls] = own_class(module)
         if own is not cls:
             swapped.append((module, cls))
             module.__class__ = own
@@ -264,6 +274,23 @@ def _odd_one_out(shapes: Mapping[str, tuple[int, ...]], collected) -> str | None
             common = max(counts, key=counts.get)
             return next(k for k in keys if shapes[k] != common)
     return None
+
+
+def _natural_order(dot_natural_key):
+    """transformers' ``dot_natural_key``, each dotted part's key computed once: the key of a
+    dotted name is the list of its parts' keys (parts are keyed one by one), and the parts of
+    a checkpoint's names repeat (``model``, ``layers``, ``12``)."""
+    parts: dict[str, Any] = {}
+
+    def key(name: str) -> list:
+        out = []
+        for part in name.split("."):
+            k = parts.get(part)
+            if k is None:
+                k = parts[part] = dot_natural_key(part)[0]
+            out.append(k)
+        return out
+    return key
 
 
 def _single(values: dict[str, Any]):

@@ -13,6 +13,7 @@ import json
 import os
 import stat
 import struct
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -242,16 +243,40 @@ def _safetensors_header(path: str, name: str) -> dict[str, TensorInfo]:
         raise bad("__metadata__ is not a map of strings to strings")
     data_start = 8 + header_len
     tensors, spans = {}, []
+    shapes: dict[tuple[int, ...], tuple[int, ...]] = {}  # one tuple per distinct shape
     for key, entry in header.items():
-        dtype, shape, (begin, end) = _header_entry(key, entry, bad)
-        numel = 1
-        for n in shape:
-            numel *= n
+        # the checks of _header_entry, inline for an entry that passes them (a file holds up to
+        # hundreds of thousands); an entry that does not goes to _header_entry, which says why
+        ok = type(entry) is dict and entry.keys() == _ENTRY_FIELDS
+        if ok:
+            dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+            dtype = SAFETENSORS_DTYPES.get(dtype) if type(dtype) is str else None
+            ok = (dtype is not None and type(shape) is list and type(offsets) is list
+                  and len(offsets) == 2)
+        if ok:
+            numel = 1
+            for n in shape:
+                if type(n) is not int or n < 0:  # (JSON gives int, bool, float: not a subclass)
+                    ok = False
+                    break
+                numel *= n
+            begin, end = offsets
+            ok = ok and type(begin) is int and type(end) is int and 0 <= begin <= end
+        if ok:
+            shape = tuple(shape)
+        else:
+            dtype, shape, (begin, end) = _header_entry(key, entry, bad)
+            numel = 1
+            for n in shape:
+                numel *= n
         if end - begin != numel * dtype.itemsize:
             raise bad(f"key {key!r} has {end - begin} bytes, but shape {list(shape)} of "
                       f"{dtype} needs {numel * dtype.itemsize}", key)
         spans.append((begin, end, key))
-        tensors[key] = TensorInfo(dtype=dtype, shape=shape, begin=data_start + begin)
+        # interned: the model's names are (see ModelTargets), and the plan then holds one object
+        # per name, which its pickle holds once
+        tensors[sys.intern(key)] = TensorInfo(dtype, shapes.setdefault(shape, shape),
+                                              data_start + begin)
     position = 0
     for begin, end, key in sorted(spans):
         if begin != position:
@@ -262,6 +287,9 @@ def _safetensors_header(path: str, name: str) -> dict[str, TensorInfo]:
         raise bad(f"tensor data ends at byte {position}, but the file holds "
                   f"{size - data_start} bytes of data")
     return tensors
+
+
+_ENTRY_FIELDS = frozenset(("dtype", "shape", "data_offsets"))
 
 
 def _header_entry(key: str, entry, bad) -> tuple[torch.dtype, tuple[int, ...], tuple[int, int]]:

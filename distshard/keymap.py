@@ -27,6 +27,7 @@ symbolically, as parts, so that rules (transformers' conversion objects, a user'
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -155,7 +156,7 @@ class Formed:
     parts: tuple[Part, ...]
 
     def named(self, target: str) -> tuple[Part, ...]:
-        return tuple(replace(p, target=target) for p in self.parts)
+        return tuple(Part(target, p.box, p.source, p.source_box, p.dims) for p in self.parts)
 
     def contiguous_sources(self, shapes: Mapping[str, tuple[int, ...]]) -> bool:
         """Whether every part is a contiguous run of its checkpoint tensor (a byte range)."""
@@ -166,7 +167,17 @@ class Formed:
 def leaf(key: str, shape: Sequence[int]) -> Formed:
     """Checkpoint tensor ``key`` as it is."""
     box = whole(shape)
-    return Formed(box[1], (Part("", box, key, box, tuple(range(len(box[1])))),))
+    return Formed(box[1], (Part("", box, key, box, _identity_dims(len(box[1]))),))
+
+
+_DIMS: dict[int, tuple[int, ...]] = {}
+
+
+def _identity_dims(n: int) -> tuple[int, ...]:
+    dims = _DIMS.get(n)
+    if dims is None:
+        dims = _DIMS[n] = tuple(range(n))
+    return dims
 
 
 def stack(items: Sequence[Formed], dim: int) -> Formed:
@@ -320,7 +331,7 @@ class RegexRules:
         """What each checkpoint key (-> (shape, dtype)) forms among ``model_keys``."""
         builder = MapBuilder(model_keys)
         for key in sorted(checkpoint):
-            builder.add(self.rename(key), leaf(key, checkpoint[key][0]), key)
+            builder.add_leaf(self.rename(key), key, checkpoint[key][0])
         return builder.build(tuple(p for p, _, _ in self.rules if p not in self.used))
 
 
@@ -340,11 +351,24 @@ class MapBuilder:
         if target not in self.model_keys:
             self.unexpected.extend(dict.fromkeys(p.source for p in formed.parts))
             return
+        target = sys.intern(target)  # the model's names are interned (see ModelTargets)
         self._claim(target, key)
         self.parts[target] = formed.named(target)
         for p in formed.parts:
             if p.source != target:
                 self.renamed.setdefault(p.source, target)
+
+    def add_leaf(self, target: str, key: str, shape: Sequence[int]) -> None:
+        """``add(target, leaf(key, shape), key)``, without the intermediate objects."""
+        if target not in self.model_keys:
+            self.unexpected.append(key)
+            return
+        target = sys.intern(target)
+        self._claim(target, key)
+        box = whole(shape)
+        self.parts[target] = (Part(target, box, key, box, _identity_dims(len(box[1]))),)
+        if key != target:
+            self.renamed.setdefault(key, target)
 
     def add_conversion(self, conversion: Conversion) -> None:
         for target in conversion.targets:

@@ -16,8 +16,9 @@ from .index import describe_file, find_checkpoint
 from .initialize import Initializer
 from .keymap import RegexRules
 from .materialize import ModelTargets
+from .plan import paused_gc
 from .report import LoadReport
-from .validate import Match, match_checkpoint, refuse_quantized
+from .validate import Match, match_checkpoint, refuse_quantized, refuse_unmatched
 
 __all__ = ["converter", "key_rules", "log_keys", "match_model"]
 
@@ -28,7 +29,8 @@ def key_rules(model: torch.nn.Module, key_mapping: dict[str, str] | None):
     """The rules that map a checkpoint's keys onto ``model``: transformers' own for a
     transformers model, else ``key_mapping`` alone."""
     if is_transformers_model(model):
-        return TransformersRules(model, key_mapping)
+        with paused_gc():  # (a walk of every module, twice: see paused_gc)
+            return TransformersRules(model, key_mapping)
     return RegexRules(key_mapping)
 
 
@@ -40,21 +42,31 @@ def match_model(checkpoint, model: torch.nn.Module, targets: ModelTargets, rules
     :mod:`distshard.initialize`)."""
     ckpt = find_checkpoint(checkpoint)
     refuse_quantized(ckpt.root, model)
-    files = [describe_file(ckpt.root, name, ckpt.kind) for name in ckpt.files]
-    specs = targets.specs()
-    initializable = targets.initializable([t.names[0] for t in specs], Initializer(model))
-    match = match_checkpoint(files, ckpt.weight_map, specs, strict=strict, rules=rules,
-                             tied=rules.tied_sources(), initializable=initializable)
+    with paused_gc():
+        files = [describe_file(ckpt.root, name, ckpt.kind) for name in ckpt.files]
+        specs = targets.specs()
+        match = match_checkpoint(files, ckpt.weight_map, specs, strict=False, rules=rules,
+                                 tied=rules.tied_sources())
+    missing = set(match.missing_keys)
+    # which missing tensor groups the model can initialise (of a group, every name is missing
+    # or none is; asked of those groups only: the answer for one does not depend on the others)
+    initializable = frozenset()
+    if missing:
+        initializable = targets.initializable(
+            [t.names[0] for t in specs if t.names[0] in missing], Initializer(model))
+    if strict:
+        refuse_unmatched(match, initializable)
     for names in match.tied_copies:
         logger.warning(
             "distshard: the checkpoint holds %s as separate tensors, but the model ties them: "
             "%r is loaded into all of them (transformers leaves such weights untied when the "
             "copies differ; untie them in the model, or drop the extra copies, if they do)",
             " and ".join(map(repr, names)), names[0])
-    missing, hf = set(match.missing_keys), is_transformers_model(model)
+    hf = is_transformers_model(model)
     initialized = [t.names[0] for t in specs
                    if set(t.names) <= missing and t.names[0] in initializable
-                   and (hf or targets.by_name[t.names[0]].tensor.device.type == "meta")]
+                   and (hf or targets.by_name[t.names[0]].tensor.device.type == "meta")
+                   ] if missing else []
     return ckpt.root, match, initialized
 
 

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import os
 import re
+import sys
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from .keymap import Conversion, KeyMap, Part, RegexRules, volume
 from .plan import tiles
 
 __all__ = ["Match", "TargetSpec", "dtype_kind", "explain", "is_float8", "match_checkpoint",
-           "refuse_quantized"]
+           "refuse_quantized", "refuse_unmatched"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,9 +125,8 @@ def match_checkpoint(
     done = set(loaded)
     missing = sorted(n for t in targets if done.isdisjoint(t.names) for n in t.names)
     unexpected = sorted(keymap.unexpected)
-    if strict and (missing or unexpected):
-        raise DistShardError(_strict_message(missing, unexpected, keymap, initializable),
-                             key=(missing or unexpected)[0])
+    if strict:
+        _refuse(missing, unexpected, keymap, initializable)
     sources = set(parts) | {k for c in used for k in c.sources}
     kept = tuple(dataclasses.replace(f, tensors={k: t for k, t in f.tensors.items()
                                                  if k in sources and where.get(k) == f.name})
@@ -200,8 +200,9 @@ def _locate_keys(files: Sequence[FileInfo], weight_map: Mapping[str, str] | None
             raise DistShardError(
                 f"the index puts key {key!r} in {name!r} but that file's header does not hold it"
                 + (f" (it is in {where[key]!r})" if key in where else ""), file=name, key=key)
-    # Tensors a file holds beyond what the index names are not part of the checkpoint.
-    return {k: where[k] for k in weight_map}
+    # Tensors a file holds beyond what the index names are not part of the checkpoint. (Keys
+    # interned, as the headers' are: one string object per name, see ModelTargets.)
+    return {sys.intern(k): where[k] for k in weight_map}
 
 
 def _check_parts(name: str, parts: Sequence[Part], target: TargetSpec, checkpoint, where) -> None:
@@ -224,7 +225,9 @@ def _check_parts(name: str, parts: Sequence[Part], target: TargetSpec, checkpoin
             f"{[list(p.box[1]) for p in parts[:4]]} do not fill it; build the model from the "
             "checkpoint's config", file=where[sources[0]], key=sources[0])
     for p in parts:
-        _check_dtype(where[p.source], p.source, checkpoint[p.source][1], name, target)
+        dtype = checkpoint[p.source][1]
+        if (dtype, target.dtype) not in _FINE:
+            _check_dtype(where[p.source], p.source, dtype, name, target)
 
 
 def _check_conversion(name: str, c: Conversion, target: TargetSpec, checkpoint, where) -> None:
@@ -239,7 +242,13 @@ def _check_conversion(name: str, c: Conversion, target: TargetSpec, checkpoint, 
         _check_dtype(where[source], source, checkpoint[source][1], name, target)
 
 
+# (checkpoint dtype, model dtype) pairs that _check_dtype accepts: it depends on them alone
+_FINE: set[tuple[torch.dtype, torch.dtype]] = set()
+
+
 def _check_dtype(file: str, key: str, dtype: torch.dtype, name: str, target: TargetSpec) -> None:
+    if (dtype, target.dtype) in _FINE:
+        return
     via = "" if key == name else f" (forming model key {name!r})"
     if dtype_kind(dtype) != dtype_kind(target.dtype):
         raise DistShardError(
@@ -252,10 +261,25 @@ def _check_dtype(file: str, key: str, dtype: torch.dtype, name: str, target: Tar
             f"model's {target.dtype} without its scales would give wrong values: build the model "
             "for that format (transformers' quantization support), or load a checkpoint in the "
             "model's dtype", file=file, key=key)
+    _FINE.add((dtype, target.dtype))
 
 
 def is_float8(dtype: torch.dtype) -> bool:
     return "float8" in str(dtype) or "float4" in str(dtype)
+
+
+def refuse_unmatched(match: Match, initializable: frozenset[str] = frozenset()) -> None:
+    """What ``match_checkpoint(strict=True)`` raises for a match made with ``strict=False``
+    (``initializable``: as there; only its missing keys matter), or nothing when the checkpoint
+    and the model match exactly."""
+    _refuse(list(match.missing_keys), list(match.unexpected_keys), match.keymap, initializable)
+
+
+def _refuse(missing: list[str], unexpected: list[str], keymap: KeyMap,
+            initializable: frozenset[str]) -> None:
+    if missing or unexpected:
+        raise DistShardError(_strict_message(missing, unexpected, keymap, initializable),
+                             key=(missing or unexpected)[0])
 
 
 def _strict_message(missing: list[str], unexpected: list[str], keymap: KeyMap,
