@@ -172,13 +172,15 @@ class ModelTargets:
         """Fresh tensors for every key the plan loads, of this rank's local shape: on
         ``device`` for meta tensors, beside the current value for real ones."""
         dests = {}
-        for bucket in plan.buckets:
-            for slot in bucket.slots:
-                if slot.key in dests:  # one of several slots (runs) of a tensor
-                    continue
-                target = self.by_name[slot.key]
-                dests[slot.key] = torch.empty(target.box[1], dtype=self.target_dtype(target.tensor),
-                                              device=target.home(device))
+        with paused_gc():
+            for bucket in plan.buckets:
+                for slot in bucket.slots:
+                    if slot.key in dests:  # one of several slots (runs) of a tensor
+                        continue
+                    target = self.by_name[slot.key]
+                    dests[slot.key] = torch.empty(target.box[1],
+                                                  dtype=self.target_dtype(target.tensor),
+                                                  device=target.home(device))
         return dests
 
     def all_whole_on_cpu(self) -> bool:
@@ -195,9 +197,14 @@ class ModelTargets:
 
     def whole_specs(self, plan: LoadPlan) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
         """The dtype and shape every key of the plan loads to, when it is loaded whole."""
-        return {s.key: (self.target_dtype(self.by_name[s.key].tensor),
-                        tuple(self.by_name[s.key].tensor.shape))
-                for b in plan.buckets for s in b.slots}
+        out = {}
+        with paused_gc():
+            for b in plan.buckets:
+                for s in b.slots:
+                    if s.key not in out:
+                        tensor = self.by_name[s.key].tensor
+                        out[s.key] = (self.target_dtype(tensor), tuple(tensor.shape))
+        return out
 
     # --- new weights ----------------------------------------------------------------------
 
