@@ -10,22 +10,55 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from common import SIZES, write_sample  # noqa: E402
 
-__all__ = ["HEADER", "SIZES", "chart", "evict", "finish_block", "measure", "median_run",
-           "sample_checkpoint"]
+__all__ = ["HEADER", "MANY_SIZES", "SIZES", "chart", "evict", "finish_block", "measure",
+           "median_run", "sample_checkpoint", "write_many"]
+
+# Many small tensors (the fixed cost of a load against its tensor count): NLLB-MoE, whose experts
+# are modules of their own (no conversion fuses them: every loader, DCP too, reads the keys
+# save_pretrained writes), with tiny dims. name -> (layers per stack, experts per layer, shard
+# size): "many" holds 100,149 tensors (15 MB of fp32 weights, 36 MB of files with their headers;
+# 4 files), "many-tiny" 441.
+MANY_SIZES = {
+    "many": (4, 3125, "4MB"),
+    "many-tiny": (1, 50, "20KB"),
+}
 
 
 def sample_checkpoint(path: str | None, size: str) -> str:
     """``path``, or a sample checkpoint of ``size`` (written once, in 200 MB shards): Llama-like,
     or Mixtral-like for the ``moe`` sizes (one tensor per expert, as ``save_pretrained`` writes
-    it)."""
+    it), or for the ``many`` sizes NLLB-MoE with many tiny experts (see :data:`MANY_SIZES`)."""
     if path:
         return path
-    family = "mixtral" if size.startswith("moe") else "llama"
+    family = ("nllb-moe" if size in MANY_SIZES else "mixtral" if size.startswith("moe")
+              else "llama")
     path = os.path.join(tempfile.gettempdir(), f"distshard-sample-{family}-{size}")
     if not os.path.exists(os.path.join(path, "config.json")):
         print(f"writing a sample {size} checkpoint to {path} ...", flush=True)
-        write_sample(path + ".partial", size, max_shard_size="200MB")
+        if size in MANY_SIZES:
+            write_many(path + ".partial", size)
+        else:
+            write_sample(path + ".partial", size, max_shard_size="200MB")
         os.replace(path + ".partial", path)
+    return path
+
+
+def write_many(path: str, size: str = "many") -> str:
+    """A checkpoint of many small tensors written by ``save_pretrained``: NLLB-MoE with
+    ``MANY_SIZES[size]`` (every layer sparse; 8-wide experts, each two Linear layers with
+    biases: four tensors per expert), random weights."""
+    import torch
+    from transformers import NllbMoeConfig, NllbMoeForConditionalGeneration
+
+    layers, experts, shard = MANY_SIZES[size]
+    config = NllbMoeConfig(
+        vocab_size=512, d_model=8, encoder_ffn_dim=8, decoder_ffn_dim=8, encoder_layers=layers,
+        decoder_layers=layers, encoder_attention_heads=2, decoder_attention_heads=2,
+        num_experts=experts, encoder_sparse_step=1, decoder_sparse_step=1, expert_capacity=4,
+        max_position_embeddings=64, pad_token_id=1, bos_token_id=0, eos_token_id=2,
+        decoder_start_token_id=2)
+    torch.manual_seed(0)
+    NllbMoeForConditionalGeneration(config).save_pretrained(path, max_shard_size=shard)
     return path
 
 
@@ -56,10 +89,18 @@ def measure(row: dict, job) -> dict:
         res = job()
     except Exception as e:  # a peer that cannot do this case is reported, not fatal
         return dict(row, error=str(e)[-300:])
-    return dict(row, seconds=max(r["seconds"] for r in res), peak=max(r["peak"] for r in res),
-                disk=psutil.disk_io_counters().read_bytes - before,
-                rank_read=max(r["rank_read"] for r in res),
-                write_seconds=max(r["write_seconds"] for r in res), checksum=res[0]["checksum"])
+    row = dict(row, seconds=max(r["seconds"] for r in res), peak=max(r["peak"] for r in res),
+               disk=psutil.disk_io_counters().read_bytes - before,
+               rank_read=max(r["rank_read"] for r in res),
+               write_seconds=max(r["write_seconds"] for r in res), checksum=res[0]["checksum"],
+               digest=res[0].get("digest"))
+    if "load_seconds" in res[0]:  # distshard's own figures (see compare.py)
+        row["load_seconds"] = max(r["load_seconds"] for r in res)
+    if "plan_bytes" in res[0]:  # rank 0 sent the plan (one clock: CLOCK_MONOTONIC, one machine)
+        row.update(planning_seconds=res[0]["plan_sent"] - res[0]["load_started"],
+                   exchange_seconds=max(r["plan_received"] for r in res) - res[0]["plan_sent"],
+                   plan_bytes=res[0]["plan_bytes"])
+    return row
 
 
 def finish_block(block: list[dict], bound_seconds: float) -> None:

@@ -32,6 +32,21 @@ def test_compare_runs_and_every_loader_agrees(tmp_path):
     assert len({round(r["checksum"], 3) for r in rows}) == 1, out
 
 
+def test_compare_many_tensors_agree_bitwise_and_report_the_plan(tmp_path):
+    out = run("compare.py", tmp_path, "--size", "many-tiny", "--ranks", "2", "--modes",
+              "replicated", "--loaders", "distshard", "transformers", "dcp", "--repeats", "1",
+              "--json", str(tmp_path / "out.json"))
+    result = json.loads((tmp_path / "out.json").read_text())
+    rows = result["rows"]
+    assert [r["loader"] for r in rows] == ["distshard", "transformers", "dcp"], out
+    assert len({r["digest"] for r in rows}) == 1, out  # every parameter, bitwise
+    assert result["tensors"] == 441
+    mine = rows[0]
+    assert mine["plan_bytes"] > 0 and mine["planning_seconds"] > 0, mine
+    assert mine["exchange_seconds"] >= 0 and 0 < mine["load_seconds"] <= mine["seconds"], mine
+    assert "rank 0 planned in" in out
+
+
 def test_sharded_load_runs_within_its_memory_bound(tmp_path):
     out = run("sharded_load.py", tmp_path, "--size", "tiny", "--ranks", "2", "--repeats", "1")
     assert "every rank within its memory bound" in out

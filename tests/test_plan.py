@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pickle
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -9,6 +11,7 @@ from hypothesis import strategies as st
 
 from distshard.routes.image_layout import ImageLayout
 from distshard.index import FileInfo, TensorInfo
+from distshard.keymap import Conversion, leaf, stack
 from distshard.plan import ALIGN, assign_ranges, make_plan
 
 
@@ -74,6 +77,26 @@ def test_world_size_below_one_is_refused():
         assign_ranges([1], 0)
 
 
+def test_a_plan_pickles_to_an_equal_plan():
+    """Rank 0 sends the plan pickled (as tuples, see LoadPlan.__reduce__): boxes of a fused
+    tensor read from other keys, runs of a tensor larger than a bucket, a conversion bucket."""
+    f = FileInfo(name="f", kind="safetensors", size=0, mtime_ns=0, tensors={
+        **{f"e.{i}.w": TensorInfo(torch.float32, (4, 3), 8 + 48 * i) for i in range(3)},
+        "big": TensorInfo(torch.float64, (8, 2), 152), "t": TensorInfo(torch.bfloat16, (6, 2), 280)})
+    parts = {"big": list(leaf("big", (8, 2)).named("big"))}
+    for p in stack([leaf(f"e.{i}.w", (4, 3)) for i in range(3)], 0).named("fused"):
+        parts.setdefault(p.source, []).append(p)
+    conversion = Conversion(("tt",), ("t",), "Transpose", ((2, 6),), op=("op", 1))
+    plan = make_plan([f], 2, 64, parts=parts, conversions=[conversion],
+                     outputs={"tt": ((2, 6), torch.bfloat16)})
+    copy = pickle.loads(pickle.dumps(plan))
+    assert copy == plan
+    slots = [s for b in copy.buckets for s in b.slots]
+    assert {s.key: s.source_key for s in slots} == {"fused": "e.2.w", "big": "big", "tt": "tt"}
+    assert [s.at for s in slots if s.key == "big"] == [(0, 0), (4, 0)]  # two runs
+    assert copy.buckets[-1].conversion.op == ("op", 1) and copy.buckets[-1].sources[0].key == "t"
+
+
 layouts = st.lists(st.lists(st.integers(0, 5000), min_size=1, max_size=6), min_size=1, max_size=12)
 
 
@@ -104,6 +127,7 @@ def test_every_tensor_is_owned_once_and_the_load_is_balanced(layout, world_size,
     assert sum(loads) == total
     assert max(loads) <= total / world_size + largest  # a share plus one bucket, not one file
     assert make_plan(files, world_size, bucket_size) == plan  # deterministic
+    assert pickle.loads(pickle.dumps(plan)) == plan  # as rank 0 sends it
 
 
 @settings(max_examples=200, deadline=None)
