@@ -280,17 +280,14 @@ def _natural_order(dot_natural_key):
     """transformers' ``dot_natural_key``, each dotted part's key computed once: the key of a
     dotted name is the list of its parts' keys (parts are keyed one by one), and the parts of
     a checkpoint's names repeat (``model``, ``layers``, ``12``)."""
-    parts: dict[str, Any] = {}
 
-    def key(name: str) -> list:
-        out = []
-        for part in name.split("."):
-            k = parts.get(part)
-            if k is None:
-                k = parts[part] = dot_natural_key(part)[0]
-            out.append(k)
-        return out
-    return key
+    class Parts(dict):
+        def __missing__(self, part: str):
+            k = self[part] = dot_natural_key(part)[0]
+            return k
+
+    part_key = Parts().__getitem__
+    return lambda name: list(map(part_key, name.split(".")))
 
 
 def _single(values: dict[str, Any]):

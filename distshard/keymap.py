@@ -364,7 +364,9 @@ class MapBuilder:
             self.unexpected.append(key)
             return
         target = sys.intern(target)
-        self._claim(target, key)
+        if target in self._by:
+            self._claim(target, key)  # raises
+        self._by[target] = key
         box = whole(shape)
         self.parts[target] = (Part(target, box, key, box, _identity_dims(len(box[1]))),)
         if key != target:
