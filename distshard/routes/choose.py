@@ -36,14 +36,19 @@ def choose(plan: LoadPlan, boxes: list[Mapping[str, Box]], rank: int, *, replica
     narrowed, see :func:`wire_of`)."""
     if replication not in REPLICATION:
         raise ValueError(f"replication must be one of {REPLICATION}, got {replication!r}")
-    world = len(boxes)
+    world, whole = len(boxes), not any(boxes)  # whole: every rank wants every tensor whole
     steps = []
     for bucket in plan.buckets:
         members = (topology.ranks_on(topology.node_of[bucket.owner]) if node_local
                    else range(world))
         if rank not in members:
             continue
-        every = [payload_layout(bucket, b) for b in boxes]
+        if whole:
+            steps.append(Step(replication, bucket))
+            continue
+        cache: dict[int, tuple] = {}  # ranks with the very same boxes get the same layout
+        every = [cache[id(b)] if id(b) in cache else cache.setdefault(
+            id(b), payload_layout(bucket, b)) for b in boxes]
         layouts = [lay if r in members else ((), 0) for r, lay in enumerate(every)]
         if all(p.box == p.slot.extent for pieces, _ in layouts for p in pieces):
             steps.append(Step(replication, bucket))

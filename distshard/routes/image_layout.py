@@ -24,7 +24,8 @@ class ImageLayout:
     nbytes: int
 
     @classmethod
-    def of(cls, plan: LoadPlan, specs: dict[str, tuple[torch.dtype, tuple[int, ...]]]) -> ImageLayout:
+    def of(cls, plan: LoadPlan,
+           specs: dict[str, tuple[torch.dtype, tuple[int, ...]]]) -> ImageLayout:
         """Lay the tensors out in file order: a bucket of whole tensors, or of rows of one
         tensor, is then one run of bytes (:meth:`run`); buckets of boxes of fused tensors may
         not be."""

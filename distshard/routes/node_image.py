@@ -142,6 +142,4 @@ class NodeImageRoute:
 
     def _map(self, ctx: Context, run: list[Bucket]) -> None:
         ctx.dests = self.layout.tensors(self.image.private())
-        for bucket in run:
-            for slot in bucket.slots:
-                ctx.fill(slot.key, slot.extent)
+        ctx.fill_whole(run)

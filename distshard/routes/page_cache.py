@@ -30,6 +30,4 @@ class PageCache:
     @staticmethod
     def _map(ctx: Context, run) -> None:
         ctx.dests = map_files(ctx.reader.root, ctx.plan, run)
-        for bucket in run:
-            for slot in bucket.slots:
-                ctx.fill(slot.key, slot.extent)
+        ctx.fill_whole(run)

@@ -96,6 +96,14 @@ class Context:
         with self._filled_lock:  # reader threads fill pieces of one tensor side by side
             self._filled[key] = self._filled.get(key, 0) + volume(box[1])
 
+    def fill_whole(self, buckets: list[Bucket]) -> None:
+        """Every slot of ``buckets`` arrived whole (a node's shared copy, mapped at once)."""
+        with self._filled_lock:
+            filled = self._filled
+            for bucket in buckets:
+                for slot in bucket.slots:
+                    filled[slot.key] = filled.get(slot.key, 0) + volume(slot.shape)
+
     def check_filled(self) -> None:
         """As many elements arrived for each destination as it holds: a plan that missed a row
         would otherwise hand back uninitialised memory."""
