@@ -2,15 +2,20 @@
 
     sudo python benchmarks/multinode.py [--size large] [--nodes 2] [--ranks-per-node 2]
                                         [--cap-mbps 200] [--modes replicated sharded]
-                                        [--json out.json] [--chart out.png]
+                                        [--json out.json] [--chart out.png] [--profile]
 
 Each simulated node is one ``torchrun`` agent (``--nnodes``, ``--node-rank``, a rendezvous on
 127.0.0.1) started inside its own mount namespace (``unshare -m``) where its own copy of the
 checkpoint is bound at one common path: every node sees "the" checkpoint at the same place, but
-no page cache is shared between nodes, as on real machines. Every agent runs in one blkio cgroup
-whose read bandwidth on the checkpoint's disk is capped (``--cap-mbps``): the storage server that
-all nodes share. Every loader runs in this same harness (see compare.py for the loaders, the
-touch pass, memory and checksum); copies are evicted from the page cache before every run.
+no page cache is shared between nodes, as on real machines. The copies are made as ``cp`` makes
+them, at other times than the original (distshard identifies them by size and header).
+``--profile``: every rank runs under cProfile, and the run ends with where each rank's time
+went (planning, reading, sending between nodes, waiting, materialising).
+
+Every agent runs in one blkio cgroup whose read bandwidth on the checkpoint's disk is capped
+(``--cap-mbps``): the storage server that all nodes share. Every loader runs in this same
+harness (see compare.py for the loaders, the touch pass, memory and checksum); copies are
+evicted from the page cache before every run.
 
 Bound: checkpoint bytes / cap (reading each byte once per job at the cap). Disk: bytes the block
 device read during the run (every node); max rank: the most one rank caused to be read.
@@ -22,8 +27,10 @@ controller, it says so and exits 0 having measured nothing.
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
 import os
+import pstats
 import shutil
 import socket
 import subprocess
@@ -56,8 +63,15 @@ def worker(loader: str, mode: str, ckpt: str, out: str) -> NoReturn:
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
+    profile_dir = os.environ.get("DISTSHARD_S2_PROFILE")
+    profile = cProfile.Profile() if profile_dir else None
     try:
+        if profile is not None:
+            profile.enable()
         result = _rank(rank, world, loader, ckpt, mode == "sharded")
+        if profile is not None:
+            profile.disable()
+            profile.dump_stats(os.path.join(profile_dir, f"{loader}-{mode}-rank{rank}.prof"))
         result["node"] = int(os.environ.get("GROUP_RANK", "0"))
     except Exception as e:
         result = dict(error=f"{type(e).__name__}: {e}")
@@ -136,7 +150,8 @@ def run_job(loader: str, mode: str, copies: list[str], mount: str, ranks_per_nod
                     f"{os.path.abspath(__file__)} --worker {loader} {mode} {mount} {out}")
         inner = f"mount --bind {copy} {mount} && exec {torchrun}"
         command = f"{cap.enter_command()} && exec unshare -m sh -c '{inner}'"
-        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=HERE)
+        env = dict(os.environ, OMP_NUM_THREADS="1",
+                   PYTHONPATH=os.pathsep.join(filter(None, [HERE, os.environ.get("PYTHONPATH")])))
         agents.append(subprocess.Popen(["sh", "-c", command], env=env, stdout=subprocess.PIPE,
                                        stderr=subprocess.STDOUT, text=True))
     deadline = time.monotonic() + timeout
@@ -172,6 +187,42 @@ def _folder_bytes(folder: str) -> int:
     return sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder))
 
 
+# Where a rank's load time goes: (label, file, function) summed over the profile, and the
+# time the node image's main thread waits for its own readers.
+PHASES = [("load, as the harness times it", "compare.py", "_load"),
+          ("plan: validate, plan, agree, check node copies", "loader.py", "_plan"),
+          ("allocate (and open the node image)", "loader.py", "_allocate"),
+          ("node image route", "node_image.py", "move"),
+          ("  waiting for this rank's own reads", "threading.py", "wait"),
+          ("  sending and receiving across nodes", "comm.py", "exchange"),
+          ("  barrier: every node's image complete", "comm.py", "barrier"),
+          ("  mapping the image", "node_image.py", "_map"),
+          ("own rows route (this rank's reads)", "own_rows.py", "move"),
+          ("materialise and agree", "loader.py", "_prepare_commit"),
+          ("touch every parameter byte", "compare.py", "<genexpr>")]
+
+
+def profile_table(folder: str) -> str:
+    """Each profiled rank's time per phase (:data:`PHASES`), in seconds."""
+    lines = []
+    for name in sorted(os.listdir(folder)):
+        stats = pstats.Stats(os.path.join(folder, name)).stats
+        cells = []
+        for label, file, function in PHASES:
+            total = 0.0
+            for (path, _, func), (_, _, _, cumulative, callers) in stats.items():
+                if not (path.endswith(file) and func == function):
+                    continue
+                if label.startswith("  "):  # only what the node image route's move called
+                    total += sum(c[3] for (cpath, _, cfunc), c in callers.items()
+                                 if cpath.endswith("node_image.py") and cfunc == "move")
+                else:
+                    total += cumulative
+            cells.append(f"  {label:<50} {total:6.2f} s")
+        lines.append(name.removesuffix(".prof") + "\n" + "\n".join(cells))
+    return "\n".join(lines)
+
+
 def why_not() -> str | None:
     """Why this machine cannot run S2, or None."""
     if os.geteuid() != 0:
@@ -196,6 +247,8 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=900)
     parser.add_argument("--json")
     parser.add_argument("--chart", help="write a PNG chart here")
+    parser.add_argument("--profile", action="store_true",
+                        help="profile every rank (cProfile) and print where its time went")
     args = parser.parse_args()
     reason = why_not()
     if reason:
@@ -205,9 +258,12 @@ def main() -> int:
     size = _folder_bytes(ckpt)
     work = tempfile.mkdtemp(prefix="distshard-s2-")
     copies = []
-    for node in range(args.nodes):  # each node's own copy: separate inodes, separate page cache
-        copies.append(os.path.join(work, f"node{node}"))
-        shutil.copytree(ckpt, copies[-1])
+    for node in range(args.nodes):  # each node's own copy: separate inodes, separate page cache,
+        copies.append(os.path.join(work, f"node{node}"))  # made later (times not kept, as by cp)
+        shutil.copytree(ckpt, copies[-1], copy_function=shutil.copyfile)
+    if args.profile:
+        os.environ["DISTSHARD_S2_PROFILE"] = os.path.join(work, "profiles")
+        os.makedirs(os.environ["DISTSHARD_S2_PROFILE"])
     mount = os.path.join(work, "checkpoint")
     os.makedirs(mount)
     try:
@@ -235,6 +291,9 @@ def main() -> int:
                     loader, mode, copies, mount, args.ranks_per_node, cap, args.timeout)))
             finish_block(block, bound)
             rows += block
+        if args.profile:
+            print("where each rank's time went (cProfile, cumulative):")
+            print(profile_table(os.environ["DISTSHARD_S2_PROFILE"]))
     finally:
         cap.close()
         shutil.rmtree(work, ignore_errors=True)
