@@ -213,9 +213,9 @@ def profile_table(folder: str) -> str:
             for (path, _, func), (_, _, _, cumulative, callers) in stats.items():
                 if not (path.endswith(file) and func == function):
                     continue
-                if label.startswith("  "):  # only what the node image route's move called
-                    total += sum(c[3] for (cpath, _, cfunc), c in callers.items()
-                                 if cpath.endswith("node_image.py") and cfunc == "move")
+                if label.startswith("  "):  # only what the node image route called
+                    total += sum(c[3] for (cpath, _, _), c in callers.items()
+                                 if cpath.endswith("node_image.py"))
                 else:
                     total += cumulative
             cells.append(f"  {label:<50} {total:6.2f} s")
