@@ -217,6 +217,8 @@ def _plan(model, checkpoint, comm: Comm,
                            tuple(converted), torch.initial_seed(), used,
                            digests(root, plan, topology))
     outcome = comm.broadcast_object(outcome)
+    if outcome.copies is None:  # one node: one copy of each file (the same on every rank)
+        return targets, rules, outcome, topology
     failure, plan = None, outcome.plan
     try:  # this node's copy of each file is the one planned
         plan = local_plan(outcome.root, plan, outcome.copies, topology, comm.rank)

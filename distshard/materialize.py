@@ -114,27 +114,20 @@ class ModelTargets:
             if not params and not buffers:
                 continue
             dot = prefix + "." if prefix else ""
-            for name, p in params.items():
-                if p is None:
-                    continue
-                full = intern(dot + name)
-                target = groups.get(id(p))
-                if target is None:
-                    groups[id(p)] = _Target([full], p, True, box_of(p, full), [(module, name)])
-                else:
-                    target.names.append(full)
-                    target.refs.append((module, name))
-            for name, b in buffers.items():
-                if b is None:
-                    continue
-                full = intern(dot + name)
-                table = extra if name in module._non_persistent_buffers_set else groups
-                target = table.get(id(b))
-                if target is None:
-                    table[id(b)] = _Target([full], b, False, box_of(b, full), [(module, name)])
-                else:
-                    target.names.append(full)
-                    target.refs.append((module, name))
+            for entries, is_param in ((params, True), (buffers, False)):
+                for name, t in entries.items():
+                    if t is None:
+                        continue
+                    full = intern(dot + name)
+                    table = (extra if not is_param and name in module._non_persistent_buffers_set
+                             else groups)
+                    target = table.get(id(t))
+                    if target is None:
+                        table[id(t)] = _Target([full], t, is_param, box_of(t, full),
+                                               [(module, name)])
+                    else:
+                        target.names.append(full)
+                        target.refs.append((module, name))
         self._groups, self._extra_buffers = groups, extra
         self.by_name = {n: t for t in groups.values() for n in t.names}
 
