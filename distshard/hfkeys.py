@@ -37,6 +37,7 @@ from .keymap import (
     split,
     stack,
 )
+from .materialize import named_modules
 
 __all__ = ["TransformersRules", "is_transformers_model", "keep_used", "own_class",
            "own_classes"]
@@ -56,14 +57,14 @@ class TransformersRules:
     """The conversions transformers applies when it loads a checkpoint into ``model``."""
 
     def __init__(self, model: torch.nn.Module, key_mapping: Mapping[str, str] | None = None,
-                 transforms: list | None = None) -> None:
+                 transforms: list | None = None, modules: list | None = None) -> None:
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import WeightConverter, WeightRenaming
 
         self.model = model
         self.key_mapping = dict(key_mapping or {}) if transforms is None else {}
         if transforms is None:  # else: given (those a load used), fresh copies of them
-            with own_classes(model):
+            with own_classes(model, modules):
                 transforms = get_model_conversion_mapping(model, key_mapping=key_mapping or None)
         else:
             transforms = copy.deepcopy(list(transforms))
@@ -83,12 +84,16 @@ class TransformersRules:
         builder = MapBuilder(model)
         groups: dict[str, tuple[int, dict[str, list[str]]]] = {}
         # in the order transformers collects them
+        prefix, could_match = self.model.base_model_prefix, self._could_match()
         for key in sorted(checkpoint, key=_natural_order(dot_natural_key)):
-            target, pattern = rename_source_key(key, self.renamings, self.converters,
-                                                self.model.base_model_prefix, present)
-            if target not in present and key in present:  # transformers' own fallback
-                target, pattern = rename_source_key(key, [], [], self.model.base_model_prefix,
-                                                    present)
+            target = None
+            if could_match(key):
+                target, pattern = rename_source_key(key, self.renamings, self.converters,
+                                                    prefix, present)
+            if target is None or (target not in present and key in present):
+                # no rule applies to the key, or transformers' own fallback: the base-model
+                # prefix step alone
+                target, pattern = rename_source_key(key, [], [], prefix, present)
             if pattern is None or target not in present:
                 builder.add_leaf(target, key, checkpoint[key][0])
                 continue
@@ -98,6 +103,29 @@ class TransformersRules:
             self._plan_group(builder, layer, index, collected, checkpoint, model)
         unmatched = tuple(k for k, t in zip(self.key_mapping, self._user) if not t.was_used())
         return builder.build(unmatched)
+
+    def _could_match(self):
+        """A test that is False for a key no transform can rename (each would return it
+        unchanged, with no pattern): most keys, for which ``rename_source_key`` is then only its
+        base-model prefix step. The test is each transform's own compiled patterns, searched
+        in the key; a transform scoped to a sub-model may match whenever the key holds its
+        scope (with or without the base-model prefix before it)."""
+        searches, scopes = [], []
+        for t in (*self.renamings, *self.converters):
+            if t.scope_prefix is None:
+                searches.append(t.compiled_sources.search)
+            else:
+                scopes.append(f"{t.scope_prefix}." if t.scope_prefix else "")
+
+        def could_match(key: str) -> bool:
+            for search in searches:
+                if search(key) is not None:
+                    return True
+            for scope in scopes:
+                if scope in key:
+                    return True
+            return False
+        return could_match
 
     def _plan_group(self, builder: MapBuilder, layer: str, index: int,
                     collected: dict[str, list[str]], checkpoint: Mapping[str, Spec],
@@ -216,7 +244,11 @@ class TransformersRules:
 
     def tied_sources(self) -> dict[str, str]:
         """``{tied key: the key it takes its value from}``, as the model (and its config's
-        ``tie_word_embeddings``) declares them."""
+        ``tie_word_embeddings``) declared them when it was built, which is what transformers'
+        own loader ties by."""
+        known = getattr(self.model, "all_tied_weights_keys", None)
+        if isinstance(known, dict):  # made at construction; what from_pretrained ties by
+            return dict(known)
         expand = getattr(self.model, "get_expanded_tied_weights_keys", None)
         return dict(expand(all_submodels=True)) if callable(expand) else {}
 
@@ -236,19 +268,15 @@ def own_class(module: torch.nn.Module) -> type:
 
 
 @contextlib.contextmanager
-def own_classes(model: torch.nn.Module):
+def own_classes(model: torch.nn.Module, modules: list | None = None):
     """transformers finds a model's conversions by class name; ``fully_shard`` (and
     ``replicate``) give a wrapped module a class of their own (``FSDPLlamaForCausalLM``, a
     subclass of ``LlamaForCausalLM``). While the lookup runs, each such module has its own class
-    back."""
+    back. ``modules``: the model's ``(name, module)`` pairs, if the caller has them."""
     swapped, owns = [], {}  # class -> its own (one lookup per class, not per module)
-    seen, stack = set(), [model]  # model.modules(), without a generator per level
-    while stack:
-        module = stack.pop()
-        if id(module) in seen:
-            continue
-        seen.add(id(module))
-        stack.extend(m for m in module._modules.values() if m is not None)
+    if modules is None:
+        modules = named_modules(model)
+    for _, module in modules:  # (a module listed twice is swapped once: then it is its own)
         cls = type(module)
         own = owns.get(cls)
         if own is None:

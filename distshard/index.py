@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from .errors import DistShardError
+from .record import per_tensor
 
 __all__ = [
     "Checkpoint",
@@ -57,7 +58,7 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
 }
 
 
-@dataclass(frozen=True, slots=True)
+@per_tensor
 class TensorInfo:
     """One tensor of a checkpoint file. ``begin`` is a byte offset into the file (safetensors
     only; ``None`` for ``.bin`` files, whose tensors are found by key)."""

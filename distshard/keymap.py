@@ -32,6 +32,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from .record import per_tensor
+
 __all__ = [
     "Conversion",
     "Formed",
@@ -106,7 +108,7 @@ def contiguous_start(box: Box, shape: Sequence[int]) -> int | None:
     return start
 
 
-@dataclass(frozen=True, slots=True)
+@per_tensor
 class Part:
     """Box ``box`` of model tensor ``target`` holds box ``source_box`` of checkpoint tensor
     ``source``. Source dim ``k`` runs along target dim ``dims[k]`` (strictly increasing); every
@@ -345,6 +347,7 @@ class MapBuilder:
         self.unexpected: list[str] = []
         self.renamed: dict[str, str] = {}
         self._by: dict[str, str] = {}  # model key -> the checkpoint key that first formed it
+        self._wholes: dict[tuple[int, ...], tuple[Box, tuple[int, ...]]] = {}
 
     def add(self, target: str, formed: Formed, key: str) -> None:
         """``target`` is ``formed`` (checkpoint key ``key`` names the group, for errors)."""
@@ -367,8 +370,11 @@ class MapBuilder:
         if target in self._by:
             self._claim(target, key)  # raises
         self._by[target] = key
-        box = whole(shape)
-        self.parts[target] = (Part(target, box, key, box, _identity_dims(len(box[1]))),)
+        made = self._wholes.get(shape)  # (the box and dims of a shape: made once)
+        if made is None:
+            box = whole(shape)
+            made = self._wholes[shape] = box, _identity_dims(len(box[1]))
+        self.parts[target] = (Part(target, made[0], key, made[0], made[1]),)
         if key != target:
             self.renamed.setdefault(key, target)
 

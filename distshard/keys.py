@@ -25,12 +25,14 @@ __all__ = ["converter", "key_rules", "log_keys", "match_model"]
 logger = logging.getLogger("distshard")
 
 
-def key_rules(model: torch.nn.Module, key_mapping: dict[str, str] | None):
+def key_rules(model: torch.nn.Module, key_mapping: dict[str, str] | None,
+              modules: list | None = None):
     """The rules that map a checkpoint's keys onto ``model``: transformers' own for a
-    transformers model, else ``key_mapping`` alone."""
+    transformers model, else ``key_mapping`` alone. ``modules``: the model's ``(name, module)``
+    pairs, if the caller has them (see :class:`ModelTargets`)."""
     if is_transformers_model(model):
-        with paused_gc():  # (a walk of every module, twice: see paused_gc)
-            return TransformersRules(model, key_mapping)
+        with paused_gc():  # (a walk of every module: see paused_gc)
+            return TransformersRules(model, key_mapping, modules=modules)
     return RegexRules(key_mapping)
 
 

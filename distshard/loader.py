@@ -187,7 +187,7 @@ def _plan(model, checkpoint, comm: Comm,
         targets = ModelTargets(model, options.dtype)
         signature = targets.signature()
         if comm.rank == 0:  # the other ranks need rules only to run a conversion (see _distribute)
-            rules = key_rules(model, options.key_mapping)
+            rules = key_rules(model, options.key_mapping, targets.modules)
             found = match_model(checkpoint, model, targets, rules, options.strict)
     except Exception as e:
         failure = failure_of(e, comm.rank, "validate")

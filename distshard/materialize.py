@@ -7,6 +7,7 @@ rank agreed that everything arrived; until then loaded values live in fresh tens
 from __future__ import annotations
 
 import hashlib
+import inspect
 import sys
 from dataclasses import dataclass, field
 
@@ -67,6 +68,14 @@ def _is_meta(t: torch.Tensor) -> bool:
     return t.is_meta  # the same, without making a device object
 
 
+def _ties_known(model: torch.nn.Module) -> bool:
+    """Whether ``model`` is a transformers model that keeps the ties it declared at
+    construction (``all_tied_weights_keys``), as transformers' own ``from_pretrained`` ties
+    by them (``tie_weights(recompute_mapping=False)``; recomputing walks every module)."""
+    return isinstance(getattr(model, "all_tied_weights_keys", None), dict) and \
+        "recompute_mapping" in inspect.signature(model.tie_weights).parameters
+
+
 def named_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
     """``list(model.named_modules(remove_duplicate=False))``, in the same order, without a
     generator per level (about 3x faster on a model of 100,000 modules)."""
@@ -94,21 +103,30 @@ class ModelTargets:
             self._collect(model, dtype)
 
     def _collect(self, model: torch.nn.Module, dtype: torch.dtype | None) -> None:
-        modules = named_modules(model)
-        tie = getattr(model, "tie_weights", None)
-        if callable(tie) and not any(isinstance(p, DTensor) for _, m in modules
-                                     for p in m._parameters.values()):
-            # Hugging Face models re-tie here: construction under accelerate's
-            # init_empty_weights leaves tied parameters as separate meta tensors. A sharded
-            # model must be tied before fully_shard / parallelize_module, which see the ties.
-            tie()
-            modules = named_modules(model)  # (as the model is now, whatever tying did)
         self.model = model
         self.dtype = dtype
         self._specs: list[TargetSpec] | None = None
+        self.modules = named_modules(model)
+        self._group(self.modules)
+        tie = getattr(model, "tie_weights", None)
+        if callable(tie) and not self.has_dtensors:
+            # Hugging Face models re-tie here: construction under accelerate's
+            # init_empty_weights leaves tied parameters as separate meta tensors. A sharded
+            # model must be tied before fully_shard / parallelize_module, which see the ties.
+            if _ties_known(model):  # transformers' own load ties by the mapping made at init
+                tie(recompute_mapping=False)
+            else:
+                tie()
+            if not self._still_held():  # tying replaced a parameter: group as the model is now
+                self.modules = named_modules(model)
+                self._group(self.modules)
+
+    def _group(self, modules: list[tuple[str, torch.nn.Module]]) -> None:
         groups: dict[int, _Target] = {}
         extra: dict[int, _Target] = {}
+        wholes: dict[torch.Size, Box] = {}  # a plain tensor's box, one per distinct shape
         intern = sys.intern
+        has_dtensors = False
         for prefix, module in modules:
             params, buffers = module._parameters, module._buffers
             if not params and not buffers:
@@ -122,14 +140,27 @@ class ModelTargets:
                     table = (extra if not is_param and name in module._non_persistent_buffers_set
                              else groups)
                     target = table.get(id(t))
-                    if target is None:
-                        table[id(t)] = _Target([full], t, is_param, box_of(t, full),
-                                               [(module, name)])
-                    else:
+                    if target is not None:
                         target.names.append(full)
                         target.refs.append((module, name))
+                        continue
+                    if type(t) is DTensor or isinstance(t, DTensor):
+                        box = box_of(t, full)
+                        has_dtensors = has_dtensors or table is groups
+                    else:
+                        shape = t.shape
+                        box = wholes.get(shape)
+                        if box is None:
+                            box = wholes[shape] = whole(shape)
+                    table[id(t)] = _Target([full], t, is_param, box, [(module, name)])
         self._groups, self._extra_buffers = groups, extra
+        self.has_dtensors = has_dtensors
         self.by_name = {n: t for t in groups.values() for n in t.names}
+
+    def _still_held(self) -> bool:
+        """Whether every parameter grouped is still the one its module holds."""
+        return all(module._parameters.get(name) is t.tensor for t in self._groups.values()
+                   if t.is_param for module, name in t.refs)
 
     def target_dtype(self, t: torch.Tensor) -> torch.dtype:
         return self.dtype if self.dtype is not None and t.dtype.is_floating_point else t.dtype
@@ -139,21 +170,26 @@ class ModelTargets:
         dtypes do not change during a load)."""
         if self._specs is None:
             with paused_gc():
-                self._specs = [TargetSpec(tuple(sorted(t.names)), tuple(t.tensor.shape),
-                                          self.target_dtype(t.tensor))
-                               for t in self._groups.values()]
+                dtype = self.dtype
+                self._specs = [
+                    TargetSpec(tuple(t.names) if len(t.names) == 1 else tuple(sorted(t.names)),
+                               tuple(t.tensor.shape),
+                               dtype if dtype is not None and t.tensor.dtype.is_floating_point
+                               else t.tensor.dtype)
+                    for t in self._groups.values()]
         return self._specs
 
     def signature(self) -> int:
-        """A 63-bit digest of names, shapes and dtypes: equal on ranks that built one model."""
-        specs = self.specs()
+        """A 63-bit digest of names, shapes and dtypes, in name order: equal on ranks that built
+        one model."""
         with paused_gc():
-            text = repr(sorted((s.names, s.shape, str(s.dtype)) for s in specs))
-        return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1
-
-    @property
-    def has_dtensors(self) -> bool:
-        return any(t.is_dtensor for t in self._groups.values())
+            rows = sorted([(s.names, s.shape, s.dtype) for s in self.specs()],
+                          key=lambda row: row[0])
+            digest = hashlib.sha256()
+            digest.update("\n".join([",".join(row[0]) for row in rows]).encode())
+            digest.update(repr([row[1] for row in rows]).encode())
+            digest.update(repr([row[2] for row in rows]).encode())
+        return int.from_bytes(digest.digest()[:8], "little") >> 1
 
     def boxes(self) -> dict[str, Box]:
         """This rank's box of every DTensor, under each of its names (plain tensors: whole)."""

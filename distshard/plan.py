@@ -16,6 +16,7 @@ import torch
 
 from .index import FileInfo, TensorInfo
 from .keymap import Box, Conversion, Part, contiguous_start, leaf, volume
+from .record import per_tensor
 
 __all__ = [
     "ALIGN",
@@ -42,7 +43,7 @@ __all__ = [
 ALIGN = 16
 
 
-@dataclass(frozen=True, slots=True)
+@per_tensor
 class Slot:
     """A box of model tensor ``key`` inside a bucket: ``nbytes`` bytes at ``offset`` in the
     bucket, read from byte ``begin`` of the file (``None`` for ``.bin`` files, read by key). The
@@ -353,7 +354,7 @@ def _conversion_bucket(c: Conversion, files: Sequence[FileInfo],
     return Bucket(0, sources[0].file, end, tuple(slots), c, sources)
 
 
-@dataclass(frozen=True, slots=True)
+@per_tensor
 class Piece:
     """The part ``box`` (in whole-tensor coordinates) of ``slot`` that one rank receives, at
     ``offset`` of its payload."""

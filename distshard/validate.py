@@ -22,12 +22,13 @@ from .errors import DistShardError
 from .index import FileInfo
 from .keymap import Conversion, KeyMap, Part, RegexRules, volume
 from .plan import tiles
+from .record import per_tensor
 
 __all__ = ["Match", "TargetSpec", "dtype_kind", "explain", "is_float8", "match_checkpoint",
            "refuse_quantized", "refuse_unmatched"]
 
 
-@dataclass(frozen=True, slots=True)
+@per_tensor
 class TargetSpec:
     """What the model holds under ``names`` (several names when weights are tied)."""
 
