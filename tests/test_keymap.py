@@ -8,6 +8,8 @@ itself), and compares with the same operations applied to full tensors in one pr
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -29,6 +31,7 @@ from distshard.keymap import (
 )
 from distshard.plan import make_plan, payload_layout
 from distshard.validate import explain
+from zoo import ZOO
 
 DTYPES = [torch.float32, torch.int16, torch.uint8, torch.float64]
 
@@ -287,3 +290,44 @@ def test_a_user_key_mapping_goes_first_and_unmatched_patterns_are_reported():
     rules = TransformersRules(model, {r"backbone\.blocks\.": "model.layers.", r"^nope": "x"})
     keymap = rules.map(renamed, specs)
     assert set(keymap.formed) == set(specs) and keymap.unmatched_rules == (r"^nope",)
+
+
+def _layouts(model) -> dict[str, dict]:
+    """Checkpoint layouts of ``model``'s keys: its own, as save_pretrained writes them (the
+    transforms reverted), without the base-model prefix, with the norms' legacy names
+    (``gamma``, ``beta``), and with a vision tower's keys under ``vision_model`` (an older
+    layout that a transform scoped to the tower strips)."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    specs = _specs(model)
+    meta = {k: torch.empty(shape, dtype=dtype, device="meta") for k, (shape, dtype) in specs.items()}
+    hub = {k: (tuple(v.shape), v.dtype) for k, v in revert_weight_conversion(model, meta).items()}
+    prefix = model.base_model_prefix + "."
+    return {"own": specs, "hub": hub,
+            "base": {k.removeprefix(prefix): v for k, v in hub.items()},
+            "legacy": {re.sub(r"orm\.bias$", "orm.beta", re.sub(r"orm\.weight$", "orm.gamma", k)): v
+                       for k, v in hub.items()},
+            "nested": {k.replace("vision_tower.", "vision_tower.vision_model."): v
+                       for k, v in specs.items()}}
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_keys_no_transform_finds_map_as_if_every_transform_were_tried(name):
+    """map() tries transformers' transforms only on keys one of their patterns finds; for every
+    layout of every zoo architecture, the map equals the one made trying them on every key."""
+    model_type, cls, kwargs = ZOO[name]
+    model = _meta_model(model_type, cls, **kwargs)
+    specs = _specs(model)
+    for layout, checkpoint in _layouts(model).items():
+        fast = TransformersRules(model)
+        slow = TransformersRules(model)
+        slow._could_match = lambda: lambda key: True
+        try:
+            want = slow.map(checkpoint, specs)
+        except ValueError as e:  # (a layout these rules refuse: refused alike)
+            with pytest.raises(ValueError, match=re.escape(str(e))):
+                fast.map(checkpoint, specs)
+            continue
+        got = fast.map(checkpoint, specs)
+        assert got == want, (name, layout)
+        assert [t.was_used() for t in fast.transforms] == [t.was_used() for t in slow.transforms]
