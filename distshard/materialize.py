@@ -144,7 +144,7 @@ class ModelTargets:
                         target.names.append(full)
                         target.refs.append((module, name))
                         continue
-                    if type(t) is DTensor or isinstance(t, DTensor):
+                    if isinstance(t, DTensor):
                         box = box_of(t, full)
                         has_dtensors = has_dtensors or table is groups
                     else:
