@@ -303,7 +303,8 @@ def _distribute(targets: ModelTargets, rules, outcome: _Outcome, dests, comm: Co
                 raise DistShardError("distshard: " + untiled(key, shape), key=key)
         reader = ShardReader(outcome.root, outcome.plan, on_read=progress.advance,
                              convert=converter(rules or functools.partial(
-                                 key_rules, targets.model, options.key_mapping), targets))
+                                 key_rules, targets.model, options.key_mapping, targets.modules),
+                                 targets))
         exchange = Exchange(comm, outcome.plan, reader, dests, boxes,
                             read_own_slices=options.read_own_slices, image=image, layout=layout,
                             topology=topology, node_local=options.locality == "node",
