@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import torch
 
@@ -132,18 +132,4 @@ def _nearest_pretrained(model: torch.nn.Module) -> dict[str, torch.nn.Module | N
             walk(f"{prefix}.{name}" if prefix else name, child, owner)
 
     walk("", model, None)
-    return out
-
-
-def split_name(name: str) -> tuple[str, str]:
-    """``"a.b.weight"`` -> ``("a.b", "weight")``."""
-    module, _, attr = name.rpartition(".")
-    return module, attr
-
-
-def group_by_module(names: Sequence[str]) -> dict[str, list[str]]:
-    out: dict[str, list[str]] = {}
-    for name in names:
-        module, attr = split_name(name)
-        out.setdefault(module, []).append(attr)
     return out

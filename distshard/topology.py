@@ -62,7 +62,3 @@ class Topology:
 
     def local_index(self, rank: int) -> int:
         return self.ranks_on(self.node_of[rank]).index(rank)
-
-    @property
-    def max_local(self) -> int:
-        return max((len(self.ranks_on(n)) for n in range(self.num_nodes)), default=0)
