@@ -56,6 +56,7 @@ from harness import (  # noqa: E402
     HEADER,
     MANY_SIZES,
     SIZES,
+    START_METHOD,
     chart,
     evict,
     finish_block,
@@ -354,7 +355,8 @@ def main() -> int:
                     evict(ckpt)
                     row = dict(scenario="S1", mode=mode, ranks=n, loader=loader)
                     runs[loader].append(measure(row, lambda: run_ranks(
-                        _rank, n, loader, ckpt, mode == "sharded", timeout=1200)))
+                        _rank, n, loader, ckpt, mode == "sharded", timeout=1200,
+                        start_method=START_METHOD)))
             block = [median_run(r) for r in runs.values()]
             finish_block(block, size / limits[n]["disk"])
             for r in block:

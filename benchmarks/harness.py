@@ -74,6 +74,11 @@ def evict(folder: str) -> None:
             os.close(fd)
 
 
+# Measured ranks start as new interpreters, as torchrun starts them (distshard.testing's default
+# forks them from a server that has imported torch: faster to start, but the ranks would share
+# its pages, copy-on-write, during the timed load).
+START_METHOD = "spawn"
+
 HEADER = (f"{'scenario':<9} {'mode':<10} {'ranks':>5} {'loader':<13} {'time s':>7} "
           f"{'x fastest peer':>14} {'x bound':>7} {'peak MB/rank':>12} {'disk MB':>8} "
           f"{'max rank MB':>11} {'write s':>7} {'checksum':>14}")

@@ -23,7 +23,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from harness import SIZES, evict, sample_checkpoint  # noqa: E402
+from harness import SIZES, START_METHOD, evict, sample_checkpoint  # noqa: E402
 
 MODES = {"own": True, "sent": False}  # read_own_slices
 
@@ -76,7 +76,8 @@ def main() -> int:
         for repeat in range(args.repeats):
             for mode, read_own in MODES.items():  # alternate modes: noise hits both alike
                 evict(ckpt)
-                results = run_ranks(_rank, n, ckpt, args.bucket_size, read_own, timeout=1800)
+                results = run_ranks(_rank, n, ckpt, args.bucket_size, read_own, timeout=1800,
+                                    start_method=START_METHOD)
                 times.setdefault((n, mode), []).append(max(r["seconds"] for r in results))
                 if repeat:
                     continue

@@ -1,22 +1,24 @@
-"""Test distributed code on a CPU-only machine: N gloo ranks in spawned processes, small sharded
+"""Test distributed code on a CPU-only machine: N gloo ranks in fresh processes, small sharded
 checkpoints written the way users' tools write them, and a user's own torchrun script run with a
 deadline.
 
-Ranks in spawned processes
---------------------------
+Ranks in fresh processes
+------------------------
 ::
 
     from distshard.testing import run_ranks
 
-    def body(rank, world_size, ckpt):          # module level, so spawn can import it
+    def body(rank, world_size, ckpt):          # module level, so the ranks can import it
         ...
         return something_picklable
 
     results = run_ranks(body, 4, ckpt, timeout=120)   # [rank 0's result, rank 1's, ...]
 
 Rendezvous is a file in a fresh temporary folder (no ports), every rank gets
-``OMP_NUM_THREADS=1``, and a deadline kills every rank: a hang fails the test instead of
-stalling it. When ranks fail, :class:`RanksFailed` carries every failing rank's own traceback,
+``OMP_NUM_THREADS=1`` and the caller's environment, and a deadline kills every rank: a hang
+fails the test instead of stalling it. Ranks are forked from a server process that imports
+torch once, on the first call (a rank starts in a fraction of a second; a spawned one imports
+torch again, seconds per rank); ``start_method="spawn"`` starts each as a new interpreter. When ranks fail, :class:`RanksFailed` carries every failing rank's own traceback,
 not only a peer's "connection closed".
 
 In pytest: a decorator, and a fixture

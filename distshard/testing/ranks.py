@@ -1,9 +1,18 @@
-"""N gloo ranks in spawned processes, each with a deadline (see :mod:`distshard.testing`)."""
+"""N gloo ranks in fresh processes, each with a deadline (see :mod:`distshard.testing`).
+
+Ranks start from a fork server by default: a fresh interpreter, started on the first call,
+that imports torch (and transformers and distshard, where the caller has) once; each rank is
+then a fork of it, in a fraction of a second, where a spawned rank imports torch again (seconds
+per rank, on every call). A rank sees the caller's environment and working directory as they
+are at the call, as a spawned one does. ``start_method="spawn"`` starts each rank as a new
+interpreter instead.
+"""
 
 from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 import time
 import traceback
@@ -32,17 +41,24 @@ class RanksFailed(AssertionError):
 
 
 def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = DEFAULT_TIMEOUT,
-              backend: str = "gloo", env: dict[str, str] | None = None) -> list[Any]:
+              backend: str = "gloo", env: dict[str, str] | None = None,
+              start_method: str = "forkserver") -> list[Any]:
     """Call ``fn(rank, world_size, *args)`` on ``world_size`` ranks; return their results in
     rank order. ``fn`` and ``args`` must be picklable; the process group is initialised before
-    ``fn`` runs and destroyed after."""
+    ``fn`` runs and destroyed after. ``env`` is set in each rank, over the caller's
+    environment."""
     __tracebackhide__ = True  # pytest shows the ranks' tracebacks, not this function's source
+    if start_method == "forkserver":
+        # (read when the server starts: the first call; later calls reuse it)
+        mp.set_forkserver_preload(["torch", "torch.distributed", *(
+            name for name in ("transformers", "distshard") if name in sys.modules)])
     tmp = tempfile.mkdtemp(prefix="distshard-ranks-")
-    results = mp.get_context("spawn").SimpleQueue()
+    results = mp.get_context(start_method).SimpleQueue()
+    environment = {**os.environ, **(env or {})}
     ctx = mp.start_processes(
         _rank_main, args=(fn, world_size, args, os.path.join(tmp, "rdzv"), results, backend,
-                          timeout, env or {}),
-        nprocs=world_size, join=False, start_method="spawn")
+                          timeout, environment),
+        nprocs=world_size, join=False, start_method=start_method)
     try:
         return _collect(ctx, results, world_size, timeout)
     finally:
@@ -81,8 +97,11 @@ def _collect(ctx, results, world_size: int, timeout: float) -> list[Any]:
 
 
 def _rank_main(rank, fn, world_size, args, rdzv_file, results, backend, timeout, env) -> None:
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    # the caller's environment (a forked rank has the fork server's, from its start)
+    os.environ.clear()
     os.environ.update(env)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    tempfile.tempdir = None  # (TMPDIR may differ from the server's)
     torch.set_num_threads(1)
     try:
         dist.init_process_group(backend, init_method=f"file://{rdzv_file}", rank=rank,
