@@ -118,6 +118,28 @@ def test_every_failing_rank_shows_its_traceback_and_the_deadline_kills_a_hung_ra
         assert not _alive(int(pid_file.read_text())), f"rank {pid_file.name} still runs"
 
 
+def _environment(rank, world_size):
+    import tempfile
+    return (os.environ.get("DISTSHARD_TEST_SET"), os.environ.get("DISTSHARD_TEST_GIVEN"),
+            os.environ.get("OMP_NUM_THREADS"), tempfile.gettempdir(), os.getcwd())
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("start_method", ["forkserver", "spawn"])
+def test_ranks_see_the_callers_environment_as_it_is_at_the_call(tmp_path, monkeypatch,
+                                                                start_method):
+    from distshard.testing import run_ranks
+
+    run_ranks(_environment, 2, start_method=start_method)  # a fork server, if any, starts now
+    monkeypatch.setenv("DISTSHARD_TEST_SET", "later")
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    got = run_ranks(_environment, 2, env={"DISTSHARD_TEST_GIVEN": "given"},
+                    start_method=start_method)
+    threads = os.environ.get("OMP_NUM_THREADS", "1")  # (a caller's own setting is kept)
+    assert got == [("later", "given", threads, str(tmp_path), str(tmp_path))] * 2
+
+
 def _alive(pid: int) -> bool:
     try:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
