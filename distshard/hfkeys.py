@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -82,10 +83,9 @@ class TransformersRules:
 
         present = dict.fromkeys(model, True)  # rename_source_key asks .get(key) is not None
         builder = MapBuilder(model)
-        groups: dict[str, tuple[int, dict[str, list[str]]]] = {}
-        # in the order transformers collects them
         prefix, could_match = self.model.base_model_prefix, self._could_match()
-        for key in sorted(checkpoint, key=_natural_order(dot_natural_key)):
+        grouped = []
+        for key in checkpoint:
             target = None
             if could_match(key):
                 target, pattern = rename_source_key(key, self.renamings, self.converters,
@@ -96,7 +96,13 @@ class TransformersRules:
                 target, pattern = rename_source_key(key, [], [], prefix, present)
             if pattern is None or target not in present:
                 builder.add_leaf(target, key, checkpoint[key][0])
-                continue
+            else:
+                grouped.append((key, target, pattern))
+        # a converter's sources in the order transformers collects them (the order they are
+        # stacked or concatenated in)
+        groups: dict[str, tuple[int, dict[str, list[str]]]] = {}
+        order = _natural_order(dot_natural_key)
+        for key, target, pattern in sorted(grouped, key=lambda row: order(row[0])):
             _, collected = groups.setdefault(target, (self._by_pattern[pattern], {}))
             collected.setdefault(pattern, []).append(key)
         for layer, (index, collected) in groups.items():
@@ -110,12 +116,14 @@ class TransformersRules:
         base-model prefix step. The test is each transform's own compiled patterns, searched
         in the key; a transform scoped to a sub-model may match whenever the key holds its
         scope (with or without the base-model prefix before it)."""
-        searches, scopes = [], []
+        patterns, scopes = [], []
         for t in (*self.renamings, *self.converters):
             if t.scope_prefix is None:
-                searches.append(t.compiled_sources.search)
+                patterns.append(t.compiled_sources)
             else:
                 scopes.append(f"{t.scope_prefix}." if t.scope_prefix else "")
+        either = _alternation(patterns)
+        searches = [p.search for p in patterns] if either is None else [either.search]
 
         def could_match(key: str) -> bool:
             for search in searches:
@@ -302,6 +310,30 @@ def _odd_one_out(shapes: Mapping[str, tuple[int, ...]], collected) -> str | None
             common = max(counts, key=counts.get)
             return next(k for k in keys if shapes[k] != common)
     return None
+
+
+_NAMED_GROUP = re.compile(r"\(\?P<\w+>")
+
+
+def _alternation(patterns: list[re.Pattern]) -> re.Pattern | None:
+    """One pattern that a key's search finds exactly where one of ``patterns``' does: their
+    alternation, each group's name dropped (transformers names them ``g0``, ``g1``... in every
+    pattern). None where that is not sure to hold: mixed flags, or a pattern that refers back
+    to a group (by name or number) or names a group in a way this does not read."""
+    if len(patterns) < 2 or len({p.flags for p in patterns}) != 1:
+        return None
+    parts = []
+    for p in patterns:
+        source = p.pattern
+        if not isinstance(source, str) or "(?P=" in source or "(?(" in source or re.search(
+                r"\\[1-9]", source) or len(_NAMED_GROUP.findall(source)) != len(p.groupindex) \
+                or "\\(" in source:
+            return None
+        parts.append(f"(?:{_NAMED_GROUP.sub('(?:', source)})")
+    try:
+        return re.compile("|".join(parts), patterns[0].flags)
+    except re.error:
+        return None
 
 
 def _natural_order(dot_natural_key):

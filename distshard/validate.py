@@ -100,8 +100,27 @@ def match_checkpoint(
     loaded, tied_copies, used = [], [], []
     formed = keymap.formed  # a set built on each call: once here
     used_ids: set[int] = set()
+    keymap_parts = keymap.parts
     for target in targets:
-        present = [n for n in target.names if n in formed]
+        names = target.names
+        if len(names) == 1:  # most tensors: one name, formed by one whole checkpoint tensor
+            name = names[0]
+            got = keymap_parts.get(name)
+            if got is not None and len(got) == 1 and got[0].box == got[0].source_box \
+                    and got[0].box[1] == target.shape:
+                p = got[0]
+                if (checkpoint[p.source][1], target.dtype) not in _FINE:
+                    _check_dtype(where[p.source], p.source, checkpoint[p.source][1], name,
+                                 target)
+                if p.source in parts:
+                    parts[p.source].append(p)
+                else:
+                    parts[p.source] = [p]
+                loaded.append(name)
+                continue
+            present = [name] if name in formed else None
+        else:
+            present = [n for n in names if n in formed]
         if not present:
             continue
         name = present[0]  # tied names share one tensor: read it once
@@ -129,9 +148,12 @@ def match_checkpoint(
     if strict:
         _refuse(missing, unexpected, keymap, initializable)
     sources = set(parts) | {k for c in used for k in c.sources}
-    kept = tuple(dataclasses.replace(f, tensors={k: t for k, t in f.tensors.items()
-                                                 if k in sources and where.get(k) == f.name})
-                 for f in files)
+    if len(sources) == sum(len(f.tensors) for f in files):  # (every key is read: as they are)
+        kept = tuple(files)
+    else:
+        kept = tuple(dataclasses.replace(f, tensors={k: t for k, t in f.tensors.items()
+                                                     if k in sources and where.get(k) == f.name})
+                     for f in files)
     kept = tuple(f for f in kept if f.tensors)
     conversions = tuple(_read_targets(c, outputs, extra.get(id(c), [])) for c in used)
     return Match(kept, tuple(sorted(loaded)), tuple(missing), tuple(unexpected),
@@ -201,6 +223,8 @@ def _locate_keys(files: Sequence[FileInfo], weight_map: Mapping[str, str] | None
             raise DistShardError(
                 f"the index puts key {key!r} in {name!r} but that file's header does not hold it"
                 + (f" (it is in {where[key]!r})" if key in where else ""), file=name, key=key)
+    if len(weight_map) == len(where):  # the index names every key of the headers: as they are
+        return where
     # Tensors a file holds beyond what the index names are not part of the checkpoint. (Keys
     # interned, as the headers' are: one string object per name, see ModelTargets.)
     return {sys.intern(k): where[k] for k in weight_map}

@@ -331,3 +331,23 @@ def test_keys_no_transform_finds_map_as_if_every_transform_were_tried(name):
         got = fast.map(checkpoint, specs)
         assert got == want, (name, layout)
         assert [t.was_used() for t in fast.transforms] == [t.was_used() for t in slow.transforms]
+
+
+def test_one_alternation_finds_a_key_where_one_of_the_patterns_does():
+    from distshard.hfkeys import _alternation
+
+    patterns = [re.compile(p) for p in (
+        r"(?P<g0>LayerNorm.gamma(?!\w))", r"(?P<g0>^model\.language_model\.model(?!\w))|"
+        r"(?P<g1>^language_model\.model\.model(?!\w))", r"(?P<g0>mlp\.experts\.\d+\.w[13])$",
+        r"(?<=layers\.)(?P<g0>\d+)\.attn")]
+    either = _alternation(patterns)
+    keys = ["model.LayerNorm.gamma", "model.LayerNorm.gammas", "model.language_model.model.x",
+            "x.model.language_model.model", "language_model.model.model.y", "mlp.experts.3.w1",
+            "mlp.experts.3.w2", "mlp.experts.3.w1.bias", "layers.7.attn.q", "heads.7.attn.q", ""]
+    for key in keys:
+        assert (either.search(key) is not None) == any(p.search(key) for p in patterns), key
+    # where the alternation could find other keys than the patterns do: none is made
+    assert _alternation([re.compile(r"(?P<g0>a)(?P=g0)"), re.compile("b")]) is None
+    assert _alternation([re.compile(r"(a)\1"), re.compile("b")]) is None
+    assert _alternation([re.compile("a", re.I), re.compile("b")]) is None
+    assert _alternation([re.compile(r"\(?P<g0>a"), re.compile("b")]) is None
