@@ -10,6 +10,7 @@ import hashlib
 import inspect
 import sys
 from dataclasses import dataclass, field
+from operator import attrgetter
 
 import torch
 from torch.distributed.tensor import DTensor
@@ -171,24 +172,26 @@ class ModelTargets:
         if self._specs is None:
             with paused_gc():
                 dtype = self.dtype
-                self._specs = [
-                    TargetSpec(tuple(t.names) if len(t.names) == 1 else tuple(sorted(t.names)),
-                               tuple(t.tensor.shape),
-                               dtype if dtype is not None and t.tensor.dtype.is_floating_point
-                               else t.tensor.dtype)
-                    for t in self._groups.values()]
+                self._specs = specs = []
+                for t in self._groups.values():
+                    tensor = t.tensor
+                    # (a plain tensor's box is its shape, as a tuple, one per distinct shape)
+                    shape = tuple(tensor.shape) if isinstance(tensor, DTensor) else t.box[1]
+                    own = tensor.dtype
+                    specs.append(TargetSpec(
+                        tuple(t.names) if len(t.names) == 1 else tuple(sorted(t.names)), shape,
+                        dtype if dtype is not None and own.is_floating_point else own))
         return self._specs
 
     def signature(self) -> int:
         """A 63-bit digest of names, shapes and dtypes, in name order: equal on ranks that built
         one model."""
         with paused_gc():
-            rows = sorted([(s.names, s.shape, s.dtype) for s in self.specs()],
-                          key=lambda row: row[0])
+            rows = sorted(self.specs(), key=attrgetter("names"))
             digest = hashlib.sha256()
-            digest.update("\n".join([",".join(row[0]) for row in rows]).encode())
-            digest.update(repr([row[1] for row in rows]).encode())
-            digest.update(repr([row[2] for row in rows]).encode())
+            digest.update("\n".join([",".join(s.names) for s in rows]).encode())
+            digest.update(repr([s.shape for s in rows]).encode())
+            digest.update(repr([s.dtype for s in rows]).encode())
         return int.from_bytes(digest.digest()[:8], "little") >> 1
 
     def boxes(self) -> dict[str, Box]:
