@@ -95,9 +95,9 @@ def match_checkpoint(
         raise DistShardError(f"the checkpoint's keys cannot be mapped onto the model: {e}",
                              file=where.get(key), key=key) from None
     conversion_of = {t: c for c in keymap.conversions for t in c.targets}
-    parts: dict[str, list[Part]] = {}
+    parts: dict[str, tuple[Part, ...]] = {}  # checkpoint key -> the parts it forms
     outputs: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
-    loaded, tied_copies, used = [], [], []
+    loaded, tied_copies, used, unformed = [], [], [], []
     formed = keymap.formed  # a set built on each call: once here
     used_ids: set[int] = set()
     keymap_parts = keymap.parts
@@ -112,16 +112,14 @@ def match_checkpoint(
                 if (checkpoint[p.source][1], target.dtype) not in _FINE:
                     _check_dtype(where[p.source], p.source, checkpoint[p.source][1], name,
                                  target)
-                if p.source in parts:
-                    parts[p.source].append(p)
-                else:
-                    parts[p.source] = [p]
+                parts[p.source] = parts[p.source] + got if p.source in parts else got
                 loaded.append(name)
                 continue
             present = [name] if name in formed else None
         else:
             present = [n for n in names if n in formed]
         if not present:
+            unformed.append(target)
             continue
         name = present[0]  # tied names share one tensor: read it once
         if len(present) > 1 and any(by_name[where[s]].kind == "safetensors"
@@ -130,7 +128,7 @@ def match_checkpoint(
         if name in keymap.parts:
             _check_parts(name, keymap.parts[name], target, checkpoint, where)
             for p in keymap.parts[name]:
-                parts.setdefault(p.source, []).append(p)
+                parts[p.source] = parts.get(p.source, ()) + (p,)
         else:
             c = conversion_of[name]
             _check_conversion(name, c, target, checkpoint, where)
@@ -139,11 +137,10 @@ def match_checkpoint(
                 used_ids.add(id(c))
                 used.append(c)
         loaded.extend(present)
-    aliases, extra = _aliases(targets, tied or {}, keymap, formed, conversion_of, set(loaded),
+    aliases, extra = _aliases(targets, unformed, tied or {}, keymap, formed, conversion_of,
                               parts, outputs, checkpoint, where)
     loaded.extend(aliases)
-    done = set(loaded)
-    missing = sorted(n for t in targets if done.isdisjoint(t.names) for n in t.names)
+    missing = sorted(n for t in unformed if aliases.keys().isdisjoint(t.names) for n in t.names)
     unexpected = sorted(keymap.unexpected)
     if strict:
         _refuse(missing, unexpected, keymap, initializable)
@@ -157,22 +154,24 @@ def match_checkpoint(
     kept = tuple(f for f in kept if f.tensors)
     conversions = tuple(_read_targets(c, outputs, extra.get(id(c), [])) for c in used)
     return Match(kept, tuple(sorted(loaded)), tuple(missing), tuple(unexpected),
-                 tuple(tied_copies), {k: tuple(v) for k, v in parts.items()}, conversions,
+                 tuple(tied_copies), parts, conversions,
                  outputs, aliases, keymap)
 
 
-def _aliases(targets: Sequence[TargetSpec], tied: Mapping[str, str], keymap: KeyMap,
-             formed: set[str], conversion_of: Mapping[str, Conversion], loaded: set[str],
-             parts: dict[str, list[Part]], outputs: dict, checkpoint,
+def _aliases(targets: Sequence[TargetSpec], unformed: Sequence[TargetSpec],
+             tied: Mapping[str, str], keymap: KeyMap, formed: set[str],
+             conversion_of: Mapping[str, Conversion], parts: dict[str, tuple[Part, ...]],
+             outputs: dict, checkpoint,
              where) -> tuple[dict[str, str], dict[int, list[tuple[str, str]]]]:
-    """Tied keys the checkpoint lacks, read from the checkpoint tensors of the key they are
-    tied to (when the model holds them as separate tensors: sharded before it was tied): the
-    same parts again, or one more output of the same conversion (by id of the conversion)."""
-    group_of = {n: t for t in targets for n in t.names}
+    """Tied keys the checkpoint lacks (of the ``unformed`` targets), read from the checkpoint
+    tensors of the key they are tied to (when the model holds them as separate tensors: sharded
+    before it was tied): the same parts again, or one more output of the same conversion (by id
+    of the conversion)."""
     aliases, extra = {}, {}
-    for target in targets:
-        if not loaded.isdisjoint(target.names):
-            continue
+    if not (unformed and tied):
+        return aliases, extra
+    group_of = {n: t for t in targets for n in t.names}
+    for target in unformed:
         for name in target.names:
             source = tied.get(name)
             # the checkpoint may hold the source under another name of its own tied group
@@ -184,7 +183,7 @@ def _aliases(targets: Sequence[TargetSpec], tied: Mapping[str, str], keymap: Key
                 moved = [dataclasses.replace(p, target=name) for p in keymap.parts[source]]
                 _check_parts(name, tuple(moved), target, checkpoint, where)
                 for p in moved:
-                    parts.setdefault(p.source, []).append(p)
+                    parts[p.source] = parts.get(p.source, ()) + (p,)
             elif source in outputs:  # made by a conversion that is read
                 c = conversion_of[source]
                 _check_conversion(source, c, target, checkpoint, where)
