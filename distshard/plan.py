@@ -261,11 +261,10 @@ def _make_plan(files, world_size, bucket_size, readers, parts, conversions, outp
         for bucket, owner in zip(tape, owners):
             per_owner[group[owner]].append(dataclasses.replace(bucket, owner=group[owner]))
     planned = tuple(PlannedFile(f.name, f.kind, f.size, f.mtime_ns) for f in ordered)
-    formed: dict[str, int] = {}
-    for ps in (parts or {}).values():
-        for p in ps:
-            formed[p.target] = formed.get(p.target, 0) + 1
-    identity = not conversions and all(n == 1 for n in formed.values())
+    # (one part per target: as many parts as targets)
+    every = (parts or {}).values()
+    identity = not conversions and sum(map(len, every)) == len({p.target for ps in every
+                                                                for p in ps})
     return LoadPlan(world_size, bucket_size, planned, _interleave(per_owner), identity)
 
 
@@ -286,8 +285,9 @@ def _pack(f: FileInfo, bucket_size: int, parts: Mapping[str, Sequence[Part]] | N
             if len(mine) > 1:  # in file order
                 mine = sorted(mine, key=lambda p: contiguous_start(p.source_box, t.shape))
         for p in (None,) if mine is None else mine:
+            whole_part = p is not None and p.source_box[1] == t.shape
             if p is not None:
-                nbytes = p.numel * size
+                nbytes = t.nbytes if whole_part else p.numel * size
             if nbytes > bucket_size:  # a bucket of its own for each run
                 if open_slots:  # keep file order: close the open bucket first
                     buckets.append(Bucket(0, f.name, end, tuple(open_slots)))
@@ -296,11 +296,15 @@ def _pack(f: FileInfo, bucket_size: int, parts: Mapping[str, Sequence[Part]] | N
                              bucket_size)
                 buckets.extend(Bucket(0, f.name, s.nbytes, (s,)) for s in runs)
                 continue
-            offset = align(end)
+            offset = -(-end // ALIGN) * ALIGN
             if open_slots and offset + nbytes > bucket_size:
                 buckets.append(Bucket(0, f.name, end, tuple(open_slots)))
                 open_slots, offset = [], 0
-            open_slots.append(_slot(key, t, p, offset, nbytes))
+            if whole_part:  # (_slot of a part that is all of its source, inline: most parts)
+                open_slots.append(Slot(p.target, t.dtype, p.box[1], t.begin, offset, nbytes,
+                                       p.box[0], p.source, 0))
+            else:
+                open_slots.append(_slot(key, t, p, offset, nbytes))
             end = offset + nbytes
     if open_slots:
         buckets.append(Bucket(0, f.name, end, tuple(open_slots)))
