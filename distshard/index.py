@@ -243,7 +243,8 @@ def _safetensors_header(path: str, name: str) -> dict[str, TensorInfo]:
             isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())):
         raise bad("__metadata__ is not a map of strings to strings")
     data_start = 8 + header_len
-    tensors, spans = {}, []
+    tensors = {}
+    position, in_order = 0, True  # whether the entries so far follow each other in the data
     shapes: dict[tuple[int, ...], tuple[int, ...]] = {}  # one tuple per distinct shape
     for key, entry in header.items():
         # the checks of _header_entry, inline for an entry that passes them (a file holds up to
@@ -273,17 +274,22 @@ def _safetensors_header(path: str, name: str) -> dict[str, TensorInfo]:
         if end - begin != numel * dtype.itemsize:
             raise bad(f"key {key!r} has {end - begin} bytes, but shape {list(shape)} of "
                       f"{dtype} needs {numel * dtype.itemsize}", key)
-        spans.append((begin, end, key))
+        if begin == position:
+            position = end
+        else:
+            in_order = False
         # interned: the model's names are (see ModelTargets), and the plan then holds one object
         # per name, which its pickle holds once
         tensors[sys.intern(key)] = TensorInfo(dtype, shapes.setdefault(shape, shape),
                                               data_start + begin)
-    position = 0
-    for begin, end, key in sorted(spans):
-        if begin != position:
-            raise bad(f"key {key!r} starts at data byte {begin}, expected {position} "
-                      f"(tensors overlap or leave a gap)", key)
-        position = end
+    if not in_order:  # (safetensors writes them in order; other writers need not)
+        position = 0
+        for begin, end, key in sorted((t.begin - data_start, t.begin - data_start + t.nbytes, k)
+                                      for k, t in tensors.items()):
+            if begin != position:
+                raise bad(f"key {key!r} starts at data byte {begin}, expected {position} "
+                          f"(tensors overlap or leave a gap)", key)
+            position = end
     if position != size - data_start:
         raise bad(f"tensor data ends at byte {position}, but the file holds "
                   f"{size - data_start} bytes of data")
