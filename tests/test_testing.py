@@ -120,17 +120,19 @@ def test_every_failing_rank_shows_its_traceback_and_the_deadline_kills_a_hung_ra
 
 def _environment(rank, world_size):
     import tempfile
+    print(f"rank {rank} writes to the caller's output", flush=True)
     return (os.environ.get("DISTSHARD_TEST_SET"), os.environ.get("DISTSHARD_TEST_GIVEN"),
             os.environ.get("OMP_NUM_THREADS"), tempfile.gettempdir(), os.getcwd())
 
 
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("start_method", ["forkserver", "spawn"])
-def test_ranks_see_the_callers_environment_as_it_is_at_the_call(tmp_path, monkeypatch,
+def test_ranks_see_the_callers_environment_and_output_as_they_are_at_the_call(tmp_path, monkeypatch, capfd,
                                                                 start_method):
     from distshard.testing import run_ranks
 
-    run_ranks(_environment, 2, start_method=start_method)  # a fork server, if any, starts now
+    with capfd.disabled():  # a fork server, if any, starts now, outside this test's capture
+        run_ranks(_environment, 2, start_method=start_method)
     monkeypatch.setenv("DISTSHARD_TEST_SET", "later")
     monkeypatch.setenv("TMPDIR", str(tmp_path))
     monkeypatch.chdir(tmp_path)
@@ -138,6 +140,8 @@ def test_ranks_see_the_callers_environment_as_it_is_at_the_call(tmp_path, monkey
                     start_method=start_method)
     threads = os.environ.get("OMP_NUM_THREADS", "1")  # (a caller's own setting is kept)
     assert got == [("later", "given", threads, str(tmp_path), str(tmp_path))] * 2
+    out = capfd.readouterr().out  # (what this test's own capture holds now)
+    assert all(f"rank {r} writes to the caller's output" in out for r in range(2)), out
 
 
 def _alive(pid: int) -> bool:

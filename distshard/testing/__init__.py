@@ -18,8 +18,9 @@ Rendezvous is a file in a fresh temporary folder (no ports), every rank gets
 ``OMP_NUM_THREADS=1`` and the caller's environment, and a deadline kills every rank: a hang
 fails the test instead of stalling it. Ranks are forked from a server process that imports
 torch once, on the first call (a rank starts in a fraction of a second; a spawned one imports
-torch again, seconds per rank); ``start_method="spawn"`` starts each as a new interpreter. When ranks fail, :class:`RanksFailed` carries every failing rank's own traceback,
-not only a peer's "connection closed".
+torch again, seconds per rank; what differs is listed in :mod:`distshard.testing.ranks`);
+``start_method="spawn"`` starts each as a new interpreter. When ranks fail, :class:`RanksFailed`
+carries every failing rank's own traceback, not only a peer's "connection closed".
 
 In pytest: a decorator, and a fixture
 -------------------------------------
@@ -70,7 +71,7 @@ what each returned (deadline: the ini option ``distshard_timeout``, default 120 
         result = run_torchrun("train.py", 2, "--checkpoint", checkpoint[0], timeout=120)
         assert result.stdout == ["rank 0: loaded 4 tensors\\n", "rank 1: loaded 4 tensors\\n"]
 
-Spawned ranks find a decorated test, or a function given to ``dist_ranks``, by its module name,
+Ranks find a decorated test, or a function given to ``dist_ranks``, by its module name,
 or from its file where pytest imported it by path (``--import-mode=importlib``). A failing rank
 fails the test with its own traceback::
 

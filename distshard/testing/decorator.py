@@ -1,5 +1,5 @@
-"""``@distributed`` and the ``dist_ranks`` fixture: module-level test functions run on spawned
-ranks (see :mod:`distshard.testing`)."""
+"""``@distributed`` and the ``dist_ranks`` fixture: module-level test functions run on ranks in
+fresh processes (see :mod:`distshard.testing`)."""
 
 from __future__ import annotations
 
@@ -19,10 +19,10 @@ __all__ = ["distributed"]
 
 @dataclass(frozen=True, slots=True)
 class _FunctionRef:
-    """How a spawned rank finds a module-level function: by module, name and file, rather than
+    """How a rank finds a module-level function: by module, name and file, rather than
     by pickling it. A decorated test's name is bound to its runner, so pickle would hand the
     rank the runner (which would spawn again); and a module that pytest imported from its path
-    (``--import-mode=importlib``) is not importable by name in a fresh process."""
+    (``--import-mode=importlib``) is not importable by name in a rank's process."""
 
     module: str
     qualname: str
@@ -50,8 +50,10 @@ class _FunctionRef:
 
 
 def distributed(world_size: int = 2, *, timeout: float = DEFAULT_TIMEOUT, backend: str = "gloo",
-                env: dict[str, str] | None = None) -> Callable[[Callable[..., Any]], Callable[..., None]]:
-    """Run the decorated module-level test function on ``world_size`` spawned ranks.
+                env: dict[str, str] | None = None, start_method: str | None = None
+                ) -> Callable[[Callable[..., Any]], Callable[..., None]]:
+    """Run the decorated module-level test function on ``world_size`` ranks (``backend``,
+    ``env`` and ``start_method`` as for :func:`~distshard.testing.run_ranks`).
 
     The function takes ``(rank, world_size, *fixtures)``; pytest sees only the fixtures, and
     their values are sent to every rank. The test fails with :class:`RanksFailed` (every
@@ -59,7 +61,7 @@ def distributed(world_size: int = 2, *, timeout: float = DEFAULT_TIMEOUT, backen
     """
     def decorate(fn: Callable[..., Any]) -> Callable[..., None]:
         if not inspect.isfunction(fn) or "." in fn.__qualname__:
-            raise TypeError(f"@distributed needs a module-level function, which spawned ranks can "
+            raise TypeError(f"@distributed needs a module-level function, which the ranks can "
                             f"import by name; {getattr(fn, '__qualname__', fn)!r} is not one")
         params = list(inspect.signature(fn).parameters.values())
         if len(params) < 2 or any(p.kind not in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
@@ -73,7 +75,8 @@ def distributed(world_size: int = 2, *, timeout: float = DEFAULT_TIMEOUT, backen
         def runner(*args: Any, **kwargs: Any) -> None:
             __tracebackhide__ = True
             bound = visible.bind(*args, **kwargs)
-            run_ranks(ref, world_size, *bound.args, timeout=timeout, backend=backend, env=env)
+            run_ranks(ref, world_size, *bound.args, timeout=timeout, backend=backend, env=env,
+                      start_method=start_method)
 
         runner.__signature__ = visible  # what pytest reads for fixtures
         runner.__distshard_body__ = fn
@@ -93,8 +96,9 @@ if pytest is not None:
 
     @pytest.fixture
     def dist_ranks(request) -> Callable[..., list[Any]]:
-        """``dist_ranks(fn, world_size, *args, timeout=None, env=None)``: :func:`run_ranks` with
-        the deadline from the ini option ``distshard_timeout`` unless given."""
+        """``dist_ranks(fn, world_size, *args, timeout=None, **options)``: :func:`run_ranks`
+        (``options``: its ``backend``, ``env``, ``start_method``) with the deadline from the ini
+        option ``distshard_timeout`` unless given."""
         try:
             default = float(request.config.getini("distshard_timeout"))
         except ValueError:  # the fixture was imported without the plugin's ini option

@@ -1,11 +1,23 @@
 """N gloo ranks in fresh processes, each with a deadline (see :mod:`distshard.testing`).
 
-Ranks start from a fork server by default: a fresh interpreter, started on the first call,
-that imports torch (and transformers and distshard, where the caller has) once; each rank is
-then a fork of it, in a fraction of a second, where a spawned rank imports torch again (seconds
-per rank, on every call). A rank sees the caller's environment and working directory as they
-are at the call, as a spawned one does. ``start_method="spawn"`` starts each rank as a new
-interpreter instead.
+A gloo job's ranks start from a fork server by default: a fresh interpreter, started on the
+first call, that imports torch, torch.distributed, distshard (and transformers, where the caller
+has imported it) once; each rank is then a fork of it, in a fraction of a second, where a
+spawned rank imports torch again (seconds per rank, on every call). A forked rank gets the
+caller's environment, working directory, ``sys.path``, standard output and error as they are at
+the call, as a spawned rank does. What differs from spawned ranks:
+
+- what the preloaded modules read from the environment when they were imported (in the
+  server, at the first call: transformers' and torch's logging settings, say) stays as it was
+  then;
+- every rank of every call has the server's seed of ``str`` hashes (``PYTHONHASHSEED``), so
+  code whose result depends on a set's order across ranks is not exercised by different
+  orders, as it is on spawned ranks;
+- the server is the process's own (:func:`multiprocessing.set_forkserver_preload` names the
+  modules above for it); one that other code started first is used as it is.
+
+``start_method="spawn"`` starts each rank as a new interpreter (the default for other backends,
+and where the platform has no fork server).
 """
 
 from __future__ import annotations
@@ -23,6 +35,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from multiprocessing import reduction
 
 __all__ = ["DEFAULT_TIMEOUT", "RanksFailed", "run_ranks"]
 
@@ -42,22 +55,26 @@ class RanksFailed(AssertionError):
 
 def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = DEFAULT_TIMEOUT,
               backend: str = "gloo", env: dict[str, str] | None = None,
-              start_method: str = "forkserver") -> list[Any]:
+              start_method: str | None = None) -> list[Any]:
     """Call ``fn(rank, world_size, *args)`` on ``world_size`` ranks; return their results in
     rank order. ``fn`` and ``args`` must be picklable; the process group is initialised before
     ``fn`` runs and destroyed after. ``env`` is set in each rank, over the caller's
-    environment."""
+    environment. ``start_method``: ``"forkserver"`` or ``"spawn"`` (default: the fork server
+    for gloo where the platform has one, see the module's docstring)."""
     __tracebackhide__ = True  # pytest shows the ranks' tracebacks, not this function's source
+    if start_method is None:
+        start_method = ("forkserver" if backend == "gloo"
+                        and "forkserver" in mp.get_all_start_methods() else "spawn")
     if start_method == "forkserver":
         # (read when the server starts: the first call; later calls reuse it)
-        mp.set_forkserver_preload(["torch", "torch.distributed", *(
-            name for name in ("transformers", "distshard") if name in sys.modules)])
+        mp.set_forkserver_preload(["torch", "torch.distributed", "distshard", *(
+            ["transformers"] if "transformers" in sys.modules else [])])
     tmp = tempfile.mkdtemp(prefix="distshard-ranks-")
     results = mp.get_context(start_method).SimpleQueue()
     environment = {**os.environ, **(env or {})}
     ctx = mp.start_processes(
         _rank_main, args=(fn, world_size, args, os.path.join(tmp, "rdzv"), results, backend,
-                          timeout, environment),
+                          timeout, environment, _stdio()),
         nprocs=world_size, join=False, start_method=start_method)
     try:
         return _collect(ctx, results, world_size, timeout)
@@ -67,6 +84,33 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: floa
                 p.kill()
             p.join()
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _stdio() -> list:
+    """The caller's standard output and error, where it has them open."""
+    out = []
+    for fd in (1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            continue
+        out.append(_Descriptor(fd))
+    return out
+
+
+class _Descriptor:
+    """One of the caller's file descriptors, duplicated into the rank as the process starts
+    (what a spawned rank inherits; a forked one would have the fork server's)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def __reduce__(self):
+        return _received, (self.fd, reduction.DupFd(self.fd))
+
+
+def _received(fd: int, duplicate) -> tuple[int, int]:
+    return fd, duplicate.detach()
 
 
 def _collect(ctx, results, world_size: int, timeout: float) -> list[Any]:
@@ -96,12 +140,19 @@ def _collect(ctx, results, world_size: int, timeout: float) -> list[Any]:
     return [done[rank][1] for rank in range(world_size)]
 
 
-def _rank_main(rank, fn, world_size, args, rdzv_file, results, backend, timeout, env) -> None:
-    # the caller's environment (a forked rank has the fork server's, from its start)
+def _rank_main(rank, fn, world_size, args, rdzv_file, results, backend, timeout, env,
+               stdio) -> None:
+    # the caller's environment and output (a forked rank has the fork server's, from its start)
+    for fd, duplicate in stdio:
+        if duplicate != fd:  # (a spawned rank has the caller's under its own number)
+            (sys.stdout if fd == 1 else sys.stderr).flush()
+            os.dup2(duplicate, fd)
+            os.close(duplicate)
     os.environ.clear()
     os.environ.update(env)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     tempfile.tempdir = None  # (TMPDIR may differ from the server's)
+    time.tzset()
     torch.set_num_threads(1)
     try:
         dist.init_process_group(backend, init_method=f"file://{rdzv_file}", rank=rank,
