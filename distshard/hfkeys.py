@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import re
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -331,8 +332,10 @@ def _alternation(patterns: list[re.Pattern]) -> re.Pattern | None:
             return None
         parts.append(f"(?:{_NAMED_GROUP.sub('(?:', source)})")
     try:
-        return re.compile("|".join(parts), patterns[0].flags)
-    except re.error:
+        with warnings.catch_warnings():  # (a flag placed mid-pattern only warns before 3.11)
+            warnings.simplefilter("error")
+            return re.compile("|".join(parts), patterns[0].flags)
+    except (re.error, Warning):
         return None
 
 

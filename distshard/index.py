@@ -329,4 +329,5 @@ def _bin_header(path: str, name: str) -> dict[str, TensorInfo]:
     if not isinstance(state, dict) or not all(
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
         raise DistShardError(f"file {name!r} is not a dict of tensors", file=name)
-    return {k: TensorInfo(dtype=v.dtype, shape=tuple(v.shape), begin=None) for k, v in state.items()}
+    return {sys.intern(k): TensorInfo(dtype=v.dtype, shape=tuple(v.shape), begin=None)
+            for k, v in state.items()}  # (interned as a safetensors header's keys are)
