@@ -46,10 +46,10 @@ def test_a_row_is_the_median_run_and_a_failed_run_is_not_hidden():
     sys.path.insert(0, str(BENCHMARKS))
     from harness import median_run
 
-    runs = [dict(seconds=s, n=i) for i, s in enumerate([3.0, 1.0, 2.0, 5.0])]
+    runs = [{"seconds": s, "n": i} for i, s in enumerate([3.0, 1.0, 2.0, 5.0])]
     assert median_run(runs) == dict(runs[2], times=[3.0, 1.0, 2.0, 5.0])
     assert median_run(runs[:3])["n"] == 2 and median_run(runs[:1])["n"] == 0
-    failed = dict(error="boom")
+    failed = {"error": "boom"}
     assert median_run([runs[0], failed, runs[1]]) is failed
 
 

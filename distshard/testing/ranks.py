@@ -30,12 +30,12 @@ import time
 import traceback
 from collections.abc import Callable
 from datetime import timedelta
+from multiprocessing import reduction
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from multiprocessing import reduction
 
 __all__ = ["DEFAULT_TIMEOUT", "RanksFailed", "run_ranks"]
 
