@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from .errors import DistShardError, RankFailure
-from .plan import paused_gc
+from .record import paused_gc
 
 __all__ = ["Comm", "failure_of"]
 

@@ -16,7 +16,7 @@ from .index import describe_file, find_checkpoint
 from .initialize import Initializer
 from .keymap import RegexRules
 from .materialize import ModelTargets
-from .plan import paused_gc
+from .record import paused_gc
 from .report import LoadReport
 from .validate import Match, match_checkpoint, refuse_quantized, refuse_unmatched
 

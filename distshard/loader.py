@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from . import _faults
+from .boxes import tiles, untiled
 from .comm import Comm, failure_of
 from .copies import digests, local_plan
 from .errors import DistShardError
@@ -26,9 +27,10 @@ from .initialize import Initializer
 from .keys import converter, key_rules, log_keys, match_model
 from .materialize import ModelTargets
 from .options import DEFAULT_BUCKET_SIZE, DEFAULT_TIMEOUT, LoadOptions
-from .plan import LoadPlan, make_plan, paused_gc, tiles, untiled
+from .plan import LoadPlan, make_plan
 from .progress import JobProgress, progress_wanted
 from .reader import ShardReader
+from .record import paused_gc
 from .report import LoadReport, PeakMemorySampler
 from .routes.choose import maps_files, shares_node_copy
 from .routes.exchange import Exchange

@@ -19,7 +19,8 @@ from torch.distributed.tensor._utils import compute_local_shape_and_global_offse
 from .errors import DistShardError
 from .initialize import Initializer, unwritten
 from .keymap import region, whole
-from .plan import Box, LoadPlan, paused_gc
+from .plan import Box, LoadPlan
+from .record import paused_gc
 from .validate import TargetSpec
 
 __all__ = ["ModelTargets"]

@@ -6,17 +6,16 @@ walks ``plan.buckets`` in the same order, which is what keeps the collectives ma
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import gc
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 
+from .boxes import intersect
 from .index import FileInfo, TensorInfo
 from .keymap import Box, Conversion, Part, contiguous_start, leaf, volume
-from .record import per_tensor
+from .record import paused_gc, per_tensor
 
 __all__ = [
     "ALIGN",
@@ -29,13 +28,9 @@ __all__ = [
     "SourceRead",
     "align",
     "assign_ranges",
-    "intersect",
     "make_plan",
-    "paused_gc",
     "payload_layout",
     "scaled_bucket_size",
-    "tiles",
-    "untiled",
 ]
 
 # Every slot of a bucket starts at a multiple of ALIGN bytes, so that a uint8 bucket can be
@@ -393,60 +388,6 @@ def payload_layout(bucket: Bucket, boxes: Mapping[str, Box]) -> tuple[tuple[Piec
         pieces.append(Piece(slot, box, offset, nbytes))
         end = offset + nbytes
     return tuple(pieces), end
-
-
-def intersect(a: Box, b: Box) -> Box:
-    """The common part of two boxes (zero-sized where they do not meet).
-
-    >>> intersect(((0, 0), (4, 4)), ((2, 1), (4, 2)))
-    ((2, 1), (2, 2))
-    """
-    lo = tuple(max(x, y) for x, y in zip(a[0], b[0]))
-    hi = tuple(min(x + m, y + n) for x, m, y, n in zip(a[0], a[1], b[0], b[1]))
-    return lo, tuple(max(0, h - low) for low, h in zip(lo, hi))
-
-
-def tiles(boxes, shape: tuple[int, ...]) -> bool:
-    """Whether the distinct non-empty ``boxes`` (one per rank; equal ones are copies) cut
-    ``shape`` into parts: each inside it, along every dimension either the same stretch or
-    stretches that do not meet (as Shard placements cut a tensor; so no two boxes overlap), and
-    together as large as the tensor.
-
-    >>> tiles([((0, 0), (2, 3)), ((2, 0), (2, 3)), ((2, 0), (2, 3))], (4, 3))
-    True
-    >>> tiles([((0,), (4,)), ((1,), (4,))], (8,))  # interleaved rows reported as boxes
-    False
-    """
-    distinct = {box for box in boxes if all(n > 0 for n in box[1])}
-    if any(o < 0 or o + n > s for off, shp in distinct for o, n, s in zip(off, shp, shape)):
-        return False
-    for d in range(len(shape)):
-        stretches = sorted({(off[d], shp[d]) for off, shp in distinct})
-        if any(o + n > o2 for (o, n), (o2, _) in zip(stretches, stretches[1:])):
-            return False
-    return sum(volume(shp) for _, shp in distinct) == volume(shape)
-
-
-def untiled(key: str, shape: tuple[int, ...]) -> str:
-    """The error for a DTensor whose local shards do not :func:`tiles` its shape."""
-    return (f"the local shards of DTensor {key!r} do not cut its shape {list(shape)} into "
-            "parts, one box per rank (a placement such as _StridedShard on its own interleaves "
-            "rows): distshard loads and saves Shard and Replicate placements")
-
-
-@contextlib.contextmanager
-def paused_gc():
-    """No cyclic garbage collection inside (as it was again after): a load makes several objects
-    per tensor, and each full collection walks every object the process holds (a model of
-    100,000 tensors holds millions), so collections triggered by those objects alone cost about
-    30 us per tensor here. Nothing made inside depends on being collected early."""
-    was = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was:
-            gc.enable()
 
 
 def align(n: int) -> int:

@@ -20,11 +20,11 @@ from dataclasses import dataclass
 import torch
 from torch.distributed.tensor import DTensor
 
+from .boxes import intersect
 from .errors import DistShardError
 from .hfkeys import TransformersRules, is_transformers_model, own_classes
 from .keymap import Box, contiguous_start, region, volume, whole
 from .materialize import box_of
-from .plan import intersect
 
 __all__ = ["Saved", "SavePiece", "Source", "assemble", "hub_layout", "local_box", "pieces_of"]
 

@@ -18,10 +18,10 @@ from dataclasses import dataclass
 
 import torch
 
+from .boxes import tiles
 from .errors import DistShardError
 from .index import FileInfo
 from .keymap import Conversion, KeyMap, Part, RegexRules, volume
-from .plan import tiles
 from .record import per_tensor
 
 __all__ = ["Match", "TargetSpec", "dtype_kind", "explain", "is_float8", "match_checkpoint",

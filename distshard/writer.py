@@ -18,12 +18,12 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from . import _faults
+from .boxes import tiles, untiled
 from .comm import Comm, failure_of
 from .errors import DistShardError
 from .index import SAFE_INDEX, SAFE_SINGLE
 from .loader import DEFAULT_TIMEOUT
 from .materialize import box_of
-from .plan import tiles, untiled
 from .savelayout import Saved, SavePiece, assemble, hub_layout, local_box, pieces_of
 from .shardfiles import (
     ShardLayout,
