@@ -118,9 +118,10 @@ def test_every_failing_rank_shows_its_traceback_and_the_deadline_kills_a_hung_ra
         assert not _alive(int(pid_file.read_text())), f"rank {pid_file.name} still runs"
 
 
-def _environment(rank, world_size):
+def _environment(rank, world_size, say=True):
     import tempfile
-    print(f"rank {rank} writes to the caller's output", flush=True)
+    if say:
+        print(f"rank {rank} writes to the caller's output", flush=True)
     return (os.environ.get("DISTSHARD_TEST_SET"), os.environ.get("DISTSHARD_TEST_GIVEN"),
             os.environ.get("OMP_NUM_THREADS"), tempfile.gettempdir(), os.getcwd())
 
@@ -132,7 +133,7 @@ def test_ranks_see_the_callers_environment_and_output_as_they_are_at_the_call(tm
     from distshard.testing import run_ranks
 
     with capfd.disabled():  # a fork server, if any, starts now, outside this test's capture
-        run_ranks(_environment, 2, start_method=start_method)
+        run_ranks(_environment, 2, False, start_method=start_method)
     monkeypatch.setenv("DISTSHARD_TEST_SET", "later")
     monkeypatch.setenv("TMPDIR", str(tmp_path))
     monkeypatch.chdir(tmp_path)
