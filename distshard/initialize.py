@@ -24,7 +24,9 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["Initializer", "module_seed", "unwritten"]
+from .keymap import region
+
+__all__ = ["Initializer", "initializable", "initialize_missing", "module_seed", "unwritten"]
 
 
 def module_seed(seed: int, module_name: str) -> int:
@@ -76,6 +78,50 @@ class Initializer:
             module._buffers.clear()
             module._buffers.update(saved[1])
         return values
+
+
+def initializable(targets, names, initializer: Initializer) -> frozenset[str]:
+    """Which of ``names`` (keys of ``targets``, a :class:`~distshard.materialize.ModelTargets`)
+    a non-strict load initialises: every name of each tensor group whose module can be."""
+    out = set()
+    for module_name, module, held in _owners(targets, names).values():
+        if initializer.can_initialize(module_name, module):
+            out.update(n for _, t in held for n in t.names)
+    return frozenset(out)
+
+
+def initialize_missing(targets, names, seed: int, device: torch.device,
+                       initializer: Initializer) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """This rank's value of each tensor group of ``targets`` named (one name per group):
+    initialised whole from ``seed`` on the CPU (the same on every rank), then its box, on
+    ``device`` for meta tensors (beside the current value for real ones). Also the names whose
+    initialisation left elements unwritten (made 0)."""
+    out, holes = {}, []
+    for module_name, module, held in _owners(targets, names).values():
+        missing = {attr: (tuple(t.tensor.shape), targets.target_dtype(t.tensor), t.is_param)
+                   for attr, t in held}
+        values = initializer.initialize(module_name, module, missing, seed)
+        for attr, target in held:
+            value = values[attr]
+            if value is None:
+                continue
+            if unwritten(value):
+                holes.append(target.names[0])
+            local = value[region(target.box)]
+            out[target.names[0]] = local.to(target.home(device)).contiguous()
+    return out, holes
+
+
+def _owners(targets, names) -> dict[int, tuple[str, torch.nn.Module, list]]:
+    """The tensor groups of ``names`` by the module that holds each (its first holder), with
+    that module's name and the (attribute, group) pairs it holds."""
+    out: dict[int, tuple[str, torch.nn.Module, list]] = {}
+    for name in names:
+        target = targets.by_name[name]
+        module, attr = target.refs[target.names.index(name)]
+        out.setdefault(id(module), (name.rpartition(".")[0], module, []))[2].append(
+            (attr, target))
+    return out
 
 
 def unwritten(value: torch.Tensor) -> bool:

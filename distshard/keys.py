@@ -13,7 +13,7 @@ import torch
 
 from .hfkeys import TransformersRules, is_transformers_model
 from .index import describe_file, find_checkpoint
-from .initialize import Initializer
+from .initialize import Initializer, initializable
 from .keymap import RegexRules
 from .materialize import ModelTargets
 from .record import paused_gc
@@ -52,12 +52,12 @@ def match_model(checkpoint, model: torch.nn.Module, targets: ModelTargets, rules
     missing = set(match.missing_keys)
     # which missing tensor groups the model can initialise (of a group, every name is missing
     # or none is; asked of those groups only: the answer for one does not depend on the others)
-    initializable = frozenset()
+    can = frozenset()
     if missing:
-        initializable = targets.initializable(
-            [t.names[0] for t in specs if t.names[0] in missing], Initializer(model))
+        can = initializable(targets, [t.names[0] for t in specs if t.names[0] in missing],
+                            Initializer(model))
     if strict:
-        refuse_unmatched(match, initializable)
+        refuse_unmatched(match, can)
     for names in match.tied_copies:
         logger.warning(
             "distshard: the checkpoint holds %s as separate tensors, but the model ties them: "
@@ -66,7 +66,7 @@ def match_model(checkpoint, model: torch.nn.Module, targets: ModelTargets, rules
             " and ".join(map(repr, names)), names[0])
     hf = is_transformers_model(model)
     initialized = [t.names[0] for t in specs
-                   if set(t.names) <= missing and t.names[0] in initializable
+                   if set(t.names) <= missing and t.names[0] in can
                    and (hf or targets.by_name[t.names[0]].tensor.device.type == "meta")
                    ] if missing else []
     return ckpt.root, match, initialized

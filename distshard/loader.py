@@ -23,7 +23,7 @@ from .comm import Comm, failure_of
 from .copies import digests, local_plan
 from .errors import DistShardError
 from .hfkeys import TransformersRules, keep_used, own_class
-from .initialize import Initializer
+from .initialize import Initializer, initialize_missing
 from .keys import converter, key_rules, log_keys, match_model
 from .materialize import ModelTargets
 from .options import DEFAULT_BUCKET_SIZE, DEFAULT_TIMEOUT, LoadOptions
@@ -329,7 +329,7 @@ def _prepare_commit(targets: ModelTargets, outcome: _Outcome, comm: Comm, exchan
     try:
         _faults.check("materialize", comm.rank)
         if outcome.initialized:
-            new, holes = targets.initialize(outcome.initialized, outcome.seed, device,
+            new, holes = initialize_missing(targets, outcome.initialized, outcome.seed, device,
                                             Initializer(targets.model))
             exchange.dests = {**(exchange.dests or {}), **new}
             if holes and comm.rank == 0:

@@ -17,8 +17,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from .errors import DistShardError
-from .initialize import Initializer, unwritten
-from .keymap import region, whole
+from .keymap import whole
 from .plan import Box, LoadPlan
 from .record import paused_gc
 from .validate import TargetSpec
@@ -238,48 +237,6 @@ class ModelTargets:
                         tensor = self.by_name[s.key].tensor
                         out[s.key] = (self.target_dtype(tensor), tuple(tensor.shape))
         return out
-
-    # --- new weights ----------------------------------------------------------------------
-
-    def _owners(self, names) -> dict[int, tuple[str, torch.nn.Module, list[tuple[str, _Target]]]]:
-        """The tensor groups of ``names`` by the module that holds each (its first holder)."""
-        out: dict[int, tuple[str, torch.nn.Module, list[tuple[str, _Target]]]] = {}
-        for name in names:
-            target = self.by_name[name]
-            i = target.names.index(name)
-            module, attr = target.refs[i]
-            out.setdefault(id(module), (name.rpartition(".")[0], module, []))[2].append(
-                (attr, target))
-        return out
-
-    def initializable(self, names, initializer: Initializer) -> frozenset[str]:
-        """Which of ``names`` a non-strict load initialises (see :mod:`distshard.initialize`)."""
-        out = set()
-        for module_name, module, held in self._owners(names).values():
-            if initializer.can_initialize(module_name, module):
-                out.update(n for _, t in held for n in t.names)
-        return frozenset(out)
-
-    def initialize(self, names, seed: int, device: torch.device,
-                   initializer: Initializer) -> tuple[dict[str, torch.Tensor], list[str]]:
-        """This rank's value of each tensor group named (one name per group): initialised
-        whole from ``seed`` on the CPU (the same on every rank), then its box, on ``device`` for
-        meta tensors (beside the current value for real ones). Also the names whose
-        initialisation left elements unwritten (made 0)."""
-        out, holes = {}, []
-        for module_name, module, held in self._owners(names).values():
-            missing = {attr: (tuple(t.tensor.shape), self.target_dtype(t.tensor), t.is_param)
-                       for attr, t in held}
-            values = initializer.initialize(module_name, module, missing, seed)
-            for attr, target in held:
-                value = values[attr]
-                if value is None:
-                    continue
-                if unwritten(value):
-                    holes.append(target.names[0])
-                local = value[region(target.box)]
-                out[target.names[0]] = local.to(target.home(device)).contiguous()
-        return out, holes
 
     def check_complete(self, loaded: set[str]) -> None:
         """Refuse to commit a model that would keep a tensor on meta."""
