@@ -280,9 +280,8 @@ def _pack(f: FileInfo, bucket_size: int, parts: Mapping[str, Sequence[Part]] | N
             if len(mine) > 1:  # in file order
                 mine = sorted(mine, key=lambda p: contiguous_start(p.source_box, t.shape))
         for p in (None,) if mine is None else mine:
-            whole_part = p is not None and p.source_box[1] == t.shape
-            if p is not None:
-                nbytes = t.nbytes if whole_part else p.numel * size
+            if p is not None:  # (a part that is all of its source: the tensor's bytes)
+                nbytes = t.nbytes if p.source_box[1] == t.shape else p.numel * size
             if nbytes > bucket_size:  # a bucket of its own for each run
                 if open_slots:  # keep file order: close the open bucket first
                     buckets.append(Bucket(0, f.name, end, tuple(open_slots)))
@@ -291,15 +290,11 @@ def _pack(f: FileInfo, bucket_size: int, parts: Mapping[str, Sequence[Part]] | N
                              bucket_size)
                 buckets.extend(Bucket(0, f.name, s.nbytes, (s,)) for s in runs)
                 continue
-            offset = -(-end // ALIGN) * ALIGN
+            offset = align(end)
             if open_slots and offset + nbytes > bucket_size:
                 buckets.append(Bucket(0, f.name, end, tuple(open_slots)))
                 open_slots, offset = [], 0
-            if whole_part:  # (_slot of a part that is all of its source, inline: most parts)
-                open_slots.append(Slot(p.target, t.dtype, p.box[1], t.begin, offset, nbytes,
-                                       p.box[0], p.source, 0))
-            else:
-                open_slots.append(_slot(key, t, p, offset, nbytes))
+            open_slots.append(_slot(key, t, p, offset, nbytes))
             end = offset + nbytes
     if open_slots:
         buckets.append(Bucket(0, f.name, end, tuple(open_slots)))

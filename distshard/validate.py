@@ -103,19 +103,8 @@ def match_checkpoint(
     keymap_parts = keymap.parts
     for target in targets:
         names = target.names
-        if len(names) == 1:  # most tensors: one name, formed by one whole checkpoint tensor
-            name = names[0]
-            got = keymap_parts.get(name)
-            if got is not None and len(got) == 1 and got[0].box == got[0].source_box \
-                    and got[0].box[1] == target.shape:
-                p = got[0]
-                if (checkpoint[p.source][1], target.dtype) not in _FINE:
-                    _check_dtype(where[p.source], p.source, checkpoint[p.source][1], name,
-                                 target)
-                parts[p.source] = parts[p.source] + got if p.source in parts else got
-                loaded.append(name)
-                continue
-            present = [name] if name in formed else None
+        if len(names) == 1:  # (most targets: no list to make)
+            present = names if names[0] in formed else ()
         else:
             present = [n for n in names if n in formed]
         if not present:
@@ -125,9 +114,10 @@ def match_checkpoint(
         if len(present) > 1 and any(by_name[where[s]].kind == "safetensors"
                                     for n in present for s in keymap.sources_of(n)):
             tied_copies.append(tuple(present))
-        if name in keymap.parts:
-            _check_parts(name, keymap.parts[name], target, checkpoint, where)
-            for p in keymap.parts[name]:
+        got = keymap_parts.get(name)
+        if got is not None:
+            _check_parts(name, got, target, checkpoint, where)
+            for p in got:
                 parts[p.source] = parts.get(p.source, ()) + (p,)
         else:
             c = conversion_of[name]
