@@ -207,7 +207,8 @@ def _plan(model, checkpoint, comm: Comm,
         readers = None
         if options.locality == "node":
             readers = [topology.ranks_on(n) for n in range(topology.num_nodes)]
-        plan = make_plan(match.files, comm.world_size, options.bucket_size, readers,
+        bucket_size = options.bucket_size_for(topology.num_nodes, not targets.has_dtensors)
+        plan = make_plan(match.files, comm.world_size, bucket_size, readers,
                          parts=match.parts, conversions=match.conversions, outputs=match.outputs)
         converted = sorted(n for c in match.conversions for t in c.targets
                            for n in targets.by_name[t].names)

@@ -7,11 +7,16 @@ from datetime import timedelta
 
 import torch
 
-__all__ = ["DEFAULT_BUCKET_SIZE", "DEFAULT_TIMEOUT", "LoadOptions"]
+__all__ = ["CROSSING_BUCKET_SIZE", "DEFAULT_BUCKET_SIZE", "DEFAULT_TIMEOUT", "LoadOptions"]
 
 # Large enough that per-collective latency is amortised, small enough to stay a footnote
 # next to the model itself.
 DEFAULT_BUCKET_SIZE = 64 * 2**20
+# The largest bucket of a load whose whole tensors cross nodes: each node's owners read their
+# buckets at the same time, and a bucket is sent to the other nodes only once it is read in
+# full, so the last ones read are all sent after the disk is done; smaller buckets keep that
+# tail short (a 1.07 GB load across 4 nodes: 7.2 s with 64 MiB, 5.9 s with 16 MiB).
+CROSSING_BUCKET_SIZE = 16 * 2**20
 # How long a rank waits for another in one step. The longest wait of a healthy load is rank 0
 # reading every header, or the slowest rank reading its whole share of row shards (17.5 GB of a
 # 70B model at 100 MB/s is 3 minutes): ten minutes leaves room.
@@ -32,6 +37,14 @@ class LoadOptions:
     locality: str = "cluster"
     progress: bool | None = None
     key_mapping: dict[str, str] | None = None
+
+    def bucket_size_for(self, num_nodes: int, whole: bool) -> int:
+        """The bucket size a load plans with: ``bucket_size``, capped at
+        :data:`CROSSING_BUCKET_SIZE` where whole tensors cross nodes (several nodes, cluster
+        locality, and ``whole``: every tensor is wanted whole)."""
+        if num_nodes > 1 and self.locality == "cluster" and whole:
+            return min(self.bucket_size, CROSSING_BUCKET_SIZE)
+        return self.bucket_size
 
     def __post_init__(self) -> None:
         if self.key_mapping is not None and not (isinstance(self.key_mapping, dict) and all(

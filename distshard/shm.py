@@ -33,6 +33,9 @@ __all__ = ["NodeImage", "SHM_DIR"]
 SHM_DIR = "/dev/shm"
 _HEADER = 4096  # one 8-byte entry per local rank; the data starts page-aligned after it
 _ENTRY = 8
+# madvise(MADV_POPULATE_WRITE), Linux 5.14: allocate a range's pages as a write would, writing
+# nothing. Older kernels answer EINVAL.
+_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
 
 
 class NodeImage:
@@ -52,7 +55,9 @@ class NodeImage:
         try:
             if os.fstat(self._fd).st_size != self._size:
                 os.ftruncate(self._fd, self._size)
-            self._shared = _map(self._fd, self._size, mmap.MAP_SHARED)
+            self._mapping = mmap.mmap(self._fd, self._size, flags=mmap.MAP_SHARED,
+                                      prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            self._shared = torch.frombuffer(self._mapping, dtype=torch.uint8)
         except OSError:
             self.close()
             self.unlink()
@@ -79,10 +84,22 @@ class NodeImage:
             os.unlink(self.path)
 
     def close(self) -> None:
-        self._shared = self.data = None
+        self._shared = self.data = self._mapping = None  # (the views' buffers keep it open)
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+    def prefault(self, begin: int, end: int) -> bool:
+        """Allocate the pages of data bytes ``[begin, end)`` now, ahead of a write that would
+        otherwise fault each one in as it copies (what a rank receiving into the image does
+        while the disk keeps it waiting anyway). False where the kernel cannot (before Linux
+        5.14, or no room): the write then allocates them, as without this."""
+        start = _HEADER + begin - begin % mmap.PAGESIZE
+        try:
+            self._mapping.madvise(_POPULATE_WRITE, start, _HEADER + end - start)
+        except (OSError, ValueError):
+            return False
+        return True
 
     def _entries(self) -> torch.Tensor:
         return self._shared[:_HEADER].view(torch.int64)

@@ -153,3 +153,16 @@ def test_a_node_image_gives_each_slot_its_own_bytes_and_each_bucket_one_run(
     tensors = image.tensors(data)
     assert {k: v.shape for k, v in tensors.items()} == {k: t[1] for k, t in specs.items()}
     assert all(t.numel() == 0 or (t.view(torch.uint8) != 0).all() for t in tensors.values())
+
+
+def test_loads_whose_whole_tensors_cross_nodes_plan_smaller_buckets():
+    from distshard.options import CROSSING_BUCKET_SIZE, DEFAULT_BUCKET_SIZE, LoadOptions
+
+    options = LoadOptions()
+    assert options.bucket_size_for(2, whole=True) == CROSSING_BUCKET_SIZE < DEFAULT_BUCKET_SIZE
+    # one node, shards, or every node reading for itself: the size asked for
+    assert options.bucket_size_for(1, whole=True) == DEFAULT_BUCKET_SIZE
+    assert options.bucket_size_for(4, whole=False) == DEFAULT_BUCKET_SIZE
+    assert LoadOptions(locality="node").bucket_size_for(4, whole=True) == DEFAULT_BUCKET_SIZE
+    # a smaller size asked for stays
+    assert LoadOptions(bucket_size=1 << 20).bucket_size_for(4, whole=True) == 1 << 20

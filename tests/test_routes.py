@@ -101,3 +101,18 @@ def test_a_node_shares_a_copy_only_for_whole_tensors_on_cpu():
     with pytest.raises(ValueError, match="CPU process group"):
         shares_node_copy(all_whole_on_cpu=True, **{**args, "group_device": cuda,
                                                    "shared_memory": True})
+
+
+def test_buckets_cross_nodes_in_rounds_of_distinct_owners_and_as_read_ones_alone():
+    from distshard.routes.image_layout import ImageLayout
+    from distshard.routes.node_image import NodeImageRoute
+
+    # owners as the plan deals buckets (in turn, the last turns short); t5's model tensor is
+    # float64, so its bucket crosses as read (smaller) and is converted by its receivers
+    owners = [0, 1, 2, 3, 0, 1, 2, 3, 1, 2, 1]
+    slots = [Slot(f"t{i}", torch.float32, (4,), 100 + 16 * i, 0, 16) for i in range(len(owners))]
+    plan = LoadPlan(4, 1 << 20, (PlannedFile("f", "safetensors", 1000, 0),),
+                    tuple(Bucket(o, "f", 16, (s,)) for o, s in zip(owners, slots)))
+    specs = {s.key: (torch.float32, (4,)) for s in slots} | {"t5": (torch.float64, (4,))}
+    route = NodeImageRoute(None, ImageLayout.of(plan, specs))
+    assert route._rounds(list(plan.buckets)) == [[0, 1, 2, 3], [4], [5], [6, 7, 8], [9, 10]]

@@ -9,19 +9,26 @@ of the tensors per node, in ``/dev/shm`` (:class:`distshard.shm.NodeImage`, laid
 2. meanwhile, in plan order, each bucket goes from its reader to one rank of every other node,
    which receives it into that node's image (point to point; nothing on one node): converted
    where that made it smaller, else as read, converted by the receiver (a reader keeps at most
-   one such bucket read and not yet sent);
+   one such bucket read and not yet sent). The buckets that the owners read at the same time
+   (one round of the plan's turns) cross together, and the receivers allocate the image's pages
+   for what they will receive ahead of it, on a thread of their own, while the disk paces the
+   load: the sends then keep up with the reads, and little is left to send once the disk is
+   done (with the plan's smaller buckets for such loads,
+   :data:`~distshard.options.CROSSING_BUCKET_SIZE`);
 3. one barrier; then every rank's tensors are views of its private mapping of the image.
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 
 import torch
 
 from ..plan import Bucket
 from ..reader import ShardReader
 from ..shm import NodeImage
+from ..topology import Topology
 from .image_layout import ImageLayout
 from .shared import Context, Step, slot_tensor
 
@@ -63,16 +70,20 @@ class NodeImageRoute:
                 ready[j].set()  # even if it failed: the bucket is sent (and the load fails)
 
         join = ctx.start_readers(mine, read)
+        if crossing:
+            join = self._prefault_receipts(ctx, run, stop, join)
         try:
-            for j, bucket in enumerate(run):
-                if bucket.owner == me:
-                    ready[j].wait()  # sent in plan order, whichever thread read it
-                else:
-                    ctx.bytes_received += bucket.nbytes
+            for group in self._rounds(run) if crossing else [[j] for j in range(len(run))]:
+                for j in group:
+                    if run[j].owner == me:
+                        ready[j].wait()  # sent in plan order, whichever thread read it
+                    else:
+                        ctx.bytes_received += run[j].nbytes
                 if crossing:
-                    self._cross_nodes(ctx, j, bucket, as_read.pop(j, None))
-                    if j in room:
-                        room[j].release()
+                    self._cross_nodes(ctx, group, run, as_read)
+                    for j in group:
+                        if j in room:
+                            room[j].release()
         except BaseException:  # a peer is gone: no reader may wait for a send that won't come
             stop.set()
             for gate in list(gates.values()):
@@ -114,32 +125,90 @@ class NodeImageRoute:
         return (any(s.dtype != self.layout.dtype[s.key] for s in bucket.slots)
                 and bucket.nbytes < run[1] - run[0])
 
-    def _cross_nodes(self, ctx: Context, j: int, bucket: Bucket,
-                     as_read: torch.Tensor | None) -> None:
-        """The bucket's reader sends it to one rank of every other node (a different local rank
-        for consecutive buckets, so that receiving is spread too): its bytes in the image, or
-        as read (``as_read``; a reader that failed sends whatever its buffer holds, the failure
-        is agreed on later), which the receiver converts into its node's image."""
+    def _prefault_receipts(self, ctx: Context, run: list[Bucket], stop: threading.Event,
+                           join: Callable[[], None]) -> Callable[[], None]:
+        """Allocate the image's pages for what this rank will receive, in plan order, on a
+        thread of their own while the disk paces the load: receiving then copies into pages
+        that exist (allocating each page as the bytes arrive takes about as long as the copy).
+        Returns ``join`` that waits for this thread too."""
         topo, me = ctx.topology, ctx.rank
-        raw = self._crosses_as_read(bucket)
-        if raw and (me != bucket.owner or as_read is None):
-            view = ctx.buffers.get("cross", bucket.nbytes)
-        else:
-            view = as_read if raw else self.layout.bucket_bytes(self.image.data, bucket)
-        sends, recvs = [], []
-        for node in range(topo.num_nodes):
-            if node == topo.node_of[bucket.owner]:
-                continue
-            local = topo.ranks_on(node)
-            receiver = local[j % len(local)]
-            if me == bucket.owner:
-                sends.append((view, receiver))
-            elif me == receiver:
-                recvs.append((view, bucket.owner))
+        ranges = [self.layout.run(bucket) for j, bucket in enumerate(run)
+                  if topo.node_of[bucket.owner] != topo.node_of[me]
+                  and _receiver(topo, j, topo.node_of[me]) == me
+                  and not self._crosses_as_read(bucket)]
+
+        done = threading.Event()  # the exchange is over: what is left has been received
+
+        def work() -> None:
+            for begin, end in ranges:
+                if done.is_set() or stop.is_set() or not self.image.prefault(begin, end):
+                    return
+
+        thread = threading.Thread(target=work, daemon=True, name="distshard-prefault")
+        thread.start()
+
+        def join_both() -> None:
+            done.set()
+            thread.join()
+            join()
+
+        return join_both
+
+    def _rounds(self, run: list[Bucket]) -> list[list[int]]:
+        """The buckets in plan order, in rounds that cross nodes at once: consecutive buckets of
+        distinct owners (the plan deals buckets to owners in turn, and the owners read the
+        buckets of one round at the same time: were they sent one after another, the sends of
+        the last round would all be left for after the last read). A bucket that crosses as
+        read goes alone (its receiver converts it out of one staging buffer)."""
+        rounds: list[list[int]] = []
+        owners: set[int] = set()
+        for j, bucket in enumerate(run):
+            alone = self._crosses_as_read(bucket)
+            if not rounds or alone or bucket.owner in owners or self._crosses_as_read(
+                    run[rounds[-1][0]]):
+                rounds.append([])
+                owners = set()
+            rounds[-1].append(j)
+            owners.add(bucket.owner)
+        return rounds
+
+    def _cross_nodes(self, ctx: Context, group: list[int], run: list[Bucket],
+                     as_read: dict[int, torch.Tensor]) -> None:
+        """Each bucket of ``group`` goes from its reader to one rank of every other node
+        (:func:`_receiver`), all of them at once: its bytes in the image, or as read
+        (``as_read``; a reader that failed sends whatever its buffer holds, the failure is
+        agreed on later), which the receiver converts into its node's image."""
+        topo, me = ctx.topology, ctx.rank
+        sends, recvs, staged = [], [], []
+        for j in group:
+            bucket = run[j]
+            raw = self._crosses_as_read(bucket)
+            kept = as_read.pop(j, None)
+            if raw and (me != bucket.owner or kept is None):
+                view = ctx.buffers.get("cross", bucket.nbytes)
+            else:
+                view = kept if raw else self.layout.bucket_bytes(self.image.data, bucket)
+            for node in range(topo.num_nodes):
+                if node == topo.node_of[bucket.owner]:
+                    continue
+                receiver = _receiver(topo, j, node)
+                if me == bucket.owner:
+                    sends.append((view, receiver))
+                elif me == receiver:
+                    recvs.append((view, bucket.owner))
+                    if raw:
+                        staged.append((bucket, view))
         ctx.comm.exchange(sends, recvs)
-        if raw and recvs:
+        for bucket, view in staged:
             ctx.guard("distribute", self._convert_into_image, bucket, view)
 
     def _map(self, ctx: Context, run: list[Bucket]) -> None:
         ctx.dests = self.layout.tensors(self.image.private())
         ctx.fill_whole(run)
+
+
+def _receiver(topo: Topology, j: int, node: int) -> int:
+    """The rank of ``node`` that receives the load's ``j``-th bucket from another node: a
+    different local rank for consecutive buckets, so that receiving is spread too."""
+    local = topo.ranks_on(node)
+    return local[j % len(local)]
