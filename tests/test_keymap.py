@@ -353,3 +353,27 @@ def test_one_alternation_finds_a_key_where_one_of_the_patterns_does():
     assert _alternation([re.compile(r"(a)\1"), re.compile("b")]) is None
     assert _alternation([re.compile("a", re.IGNORECASE), re.compile("b")]) is None
     assert _alternation([re.compile(r"\(?P<g0>a"), re.compile("b")]) is None
+
+
+def test_a_search_that_cannot_tell_digits_apart_is_asked_once_per_shape_of_key():
+    from distshard.hfkeys import _by_digit_shape, _digit_blind
+
+    blind = [r"(?P<g0>LayerNorm.gamma(?!\w))", r"(?P<g0>mlp\.experts\.\d+\.w\w)$",
+             r"(?<=layers\.)(?P<g10>\d+)\.attn", r"^model\.(?P<g0>.+)"]
+    seeing = [r"layers\.1\.", r"experts\.[0-3]\.", r"\d{2}", r"\N{DIGIT ONE}", r"(?P<a>\d)(?P=a)",
+              r"(\d)\1", r"\x31"]
+    assert all(_digit_blind(re.compile(p)) for p in blind)
+    assert not any(_digit_blind(re.compile(p)) for p in seeing)
+    keys = [f"model.layers.{i}.mlp.experts.{e}.w{w}" for i in (0, 7, 12, 300) for e in (1, 45)
+            for w in (1, 3)] + ["model.layers.3.attn.q", "model.LayerNorm.gamma", "x.y"]
+    for p in map(re.compile, blind):
+        asked = []
+
+        def found(key, p=p, asked=asked):
+            asked.append(key)
+            return p.search(key) is not None
+
+        cached = _by_digit_shape(found)
+        assert [cached(k) for k in keys] == [p.search(k) is not None for k in keys], p
+        assert len(asked) == len({k.translate(str.maketrans("123456789", "0" * 9))
+                                  for k in keys}) < len(keys)
