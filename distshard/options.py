@@ -15,7 +15,7 @@ DEFAULT_BUCKET_SIZE = 64 * 2**20
 # The largest bucket of a load whose whole tensors cross nodes: each node's owners read their
 # buckets at the same time, and a bucket is sent to the other nodes only once it is read in
 # full, so the last ones read are all sent after the disk is done; smaller buckets keep that
-# tail short (a 1.07 GB load across 4 nodes: 7.2 s with 64 MiB, 5.9 s with 16 MiB).
+# tail short (see docs/benchmarks.md, "Replicated across nodes").
 CROSSING_BUCKET_SIZE = 16 * 2**20
 # How long a rank waits for another in one step. The longest wait of a healthy load is rank 0
 # reading every header, or the slowest rank reading its whole share of row shards (17.5 GB of a
