@@ -354,8 +354,8 @@ def _digit_blind(pattern: re.Pattern) -> bool:
     group to match again (these are where a pattern can tell digits apart; ``\\d``, ``\\w``,
     ``.`` and the like cannot). Where the text does not say, False."""
     source = pattern.pattern
-    if not isinstance(source, str) or "(?P=" in source or "(?(" in source:
-        return False
+    if not isinstance(source, str) or "(?P=" in source or "(?(" in source or "\\(" in source:
+        return False  # (an escaped paren: "\\(?P<a1>" is no group, and its digit counts)
     source = _NAMED_GROUP.sub("(?:", source)
     return not any(c in source for c in "0123456789[") and "\\N" not in source
 

@@ -94,7 +94,8 @@ class NodeImage:
         otherwise fault each one in as it copies (what a rank receiving into the image does
         while the disk keeps it waiting anyway). False where the kernel cannot (before Linux
         5.14, or no room): the write then allocates them, as without this."""
-        start = _HEADER + begin - begin % mmap.PAGESIZE
+        start = _HEADER + begin
+        start -= start % mmap.PAGESIZE  # (pages may be larger than the header: 64 KiB)
         try:
             self._mapping.madvise(_POPULATE_WRITE, start, _HEADER + end - start)
         except (OSError, ValueError):
