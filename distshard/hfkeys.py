@@ -333,12 +333,10 @@ def _alternation(patterns: list[re.Pattern]) -> re.Pattern | None:
         return None
     parts = []
     for p in patterns:
-        source = p.pattern
-        if not isinstance(source, str) or "(?P=" in source or "(?(" in source or re.search(
-                r"\\[1-9]", source) or len(_NAMED_GROUP.findall(source)) != len(p.groupindex) \
-                or "\\(" in source:
+        source = _unnamed(p)
+        if source is None:
             return None
-        parts.append(f"(?:{_NAMED_GROUP.sub('(?:', source)})")
+        parts.append(f"(?:{source})")
     try:
         with warnings.catch_warnings():  # (a flag placed mid-pattern only warns before 3.11)
             warnings.simplefilter("error")
@@ -347,17 +345,27 @@ def _alternation(patterns: list[re.Pattern]) -> re.Pattern | None:
         return None
 
 
+def _unnamed(pattern: re.Pattern) -> str | None:
+    """The pattern's text with each named group made a plain one; None where the text is not
+    read so surely: a pattern that refers back to a group (by name or number), a conditional,
+    an escaped paren (``\\(?P<a>`` is no group), or a named group this does not read."""
+    source = pattern.pattern
+    if not isinstance(source, str) or "(?P=" in source or "(?(" in source or re.search(
+            r"\\[1-9]", source) or len(_NAMED_GROUP.findall(source)) != len(pattern.groupindex) \
+            or "\\(" in source:
+        return None
+    return _NAMED_GROUP.sub("(?:", source)
+
+
 def _digit_blind(pattern: re.Pattern) -> bool:
     """Whether ``pattern`` cannot tell one ASCII digit from another, so that it is found in a
     key exactly where it is found in the key with every digit made ``0``: read off its text,
     which names no digit (group names aside), no character class, no character by name, and no
     group to match again (these are where a pattern can tell digits apart; ``\\d``, ``\\w``,
     ``.`` and the like cannot). Where the text does not say, False."""
-    source = pattern.pattern
-    if not isinstance(source, str) or "(?P=" in source or "(?(" in source or "\\(" in source:
-        return False  # (an escaped paren: "\\(?P<a1>" is no group, and its digit counts)
-    source = _NAMED_GROUP.sub("(?:", source)
-    return not any(c in source for c in "0123456789[") and "\\N" not in source
+    source = _unnamed(pattern)
+    return source is not None and not any(c in source for c in "0123456789[") \
+        and "\\N" not in source
 
 
 # (on the key's UTF-8 bytes: str.translate costs more than the search it would save; no byte of

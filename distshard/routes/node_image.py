@@ -162,14 +162,15 @@ class NodeImageRoute:
         read goes alone (its receiver converts it out of one staging buffer)."""
         rounds: list[list[int]] = []
         owners: set[int] = set()
+        last_alone = False
         for j, bucket in enumerate(run):
             alone = self._crosses_as_read(bucket)
-            if not rounds or alone or bucket.owner in owners or self._crosses_as_read(
-                    run[rounds[-1][0]]):
+            if not rounds or alone or last_alone or bucket.owner in owners:
                 rounds.append([])
                 owners = set()
             rounds[-1].append(j)
             owners.add(bucket.owner)
+            last_alone = alone
         return rounds
 
     def _cross_nodes(self, ctx: Context, group: list[int], run: list[Bucket],
