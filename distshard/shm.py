@@ -22,6 +22,7 @@ mappings keep the memory alive, and the kernel frees it when the last of them go
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import mmap
 import os
@@ -36,6 +37,11 @@ _ENTRY = 8
 # madvise(MADV_POPULATE_WRITE), Linux 5.14: allocate a range's pages as a write would, writing
 # nothing. Older kernels answer EINVAL.
 _POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
+# Called through ctypes, which lets go of the GIL for the call (mmap.madvise holds it: the
+# reader threads and the sends would wait while the pages of a bucket are allocated).
+_madvise = ctypes.CDLL(None, use_errno=True).madvise
+_madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+_madvise.restype = ctypes.c_int
 
 
 class NodeImage:
@@ -96,11 +102,11 @@ class NodeImage:
         5.14, or no room): the write then allocates them, as without this."""
         start = _HEADER + begin
         start -= start % mmap.PAGESIZE  # (pages may be larger than the header: 64 KiB)
-        try:
-            self._mapping.madvise(_POPULATE_WRITE, start, _HEADER + end - start)
-        except (OSError, ValueError):
-            return False
-        return True
+        length = min(_HEADER + end, self._size) - start
+        if length <= 0:
+            return True
+        # (the mapping stays while the route runs: it closes the image after its threads end)
+        return _madvise(self._shared.data_ptr() + start, length, _POPULATE_WRITE) == 0
 
     def _entries(self) -> torch.Tensor:
         return self._shared[:_HEADER].view(torch.int64)

@@ -69,14 +69,15 @@ def test_corpus_on_three_ranks(corpus_roots):
 WIDE_SPEC = {f"layer{i}.weight": ((64, 64), torch.float16) for i in range(24)}
 
 
-def _die_or_stall(rank: int, world_size: int, path: str, fault: tuple, nodes: bool) -> dict:
+def _die_or_stall(rank: int, world_size: int, path: str, fault: tuple, nodes: str | None) -> dict:
     import threading
 
     import torch.distributed as dist
     from corpus import SPEC
 
     spec = SPEC
-    if nodes:  # one node per rank: fp16 buckets cross nodes as read, into fp64 parameters
+    if nodes:  # one node per rank: fp16 buckets cross nodes as read, into fp64 parameters, or
+        # in the image, into pages that each receiver allocates ahead on a thread of its own
         os.environ["DISTSHARD_NODE"] = str(rank)
         spec = WIDE_SPEC
     # Every rank connected before one dies: a rank killed while a peer is still inside
@@ -87,7 +88,7 @@ def _die_or_stall(rank: int, world_size: int, path: str, fault: tuple, nodes: bo
     started = time.monotonic()
     try:
         distshard.load(model, path, timeout=3, log_summary=False, bucket_size=4096,
-                       dtype=torch.float64 if nodes else None)
+                       dtype=torch.float64 if nodes == "as read" else None)
         return dict(error=None)
     except DistShardError as e:
         files = [os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")
@@ -101,9 +102,9 @@ def _die_or_stall(rank: int, world_size: int, path: str, fault: tuple, nodes: bo
 
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("fault, nodes", [
-    (("read", 1, "kill"), False), (("validate", 2, "kill"), False),
-    (("distribute", 2, "stall"), False), (("plan", 0, "stall"), False),
-    (("read", 1, "kill"), True)])
+    (("read", 1, "kill"), None), (("validate", 2, "kill"), None),
+    (("distribute", 2, "stall"), None), (("plan", 0, "stall"), None),
+    (("read", 1, "kill"), "as read"), (("read", 1, "kill"), "image")])
 def test_a_killed_or_stalled_rank_stops_the_others_within_the_timeout(tmp_path, fault, nodes):
     from corpus import write_sharded
 

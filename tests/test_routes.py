@@ -116,3 +116,27 @@ def test_buckets_cross_nodes_in_rounds_of_distinct_owners_and_as_read_ones_alone
     specs = {s.key: (torch.float32, (4,)) for s in slots} | {"t5": (torch.float64, (4,))}
     route = NodeImageRoute(None, ImageLayout.of(plan, specs))
     assert route._rounds(list(plan.buckets)) == [[0, 1, 2, 3], [4], [5], [6, 7, 8], [9, 10]]
+
+
+def test_a_receiver_allocates_its_image_pages_ahead_of_what_it_receives():
+    import os
+    import secrets
+
+    from distshard.shm import NodeImage
+
+    image = NodeImage(secrets.token_hex(8), 0, 8 << 20, 1)
+
+    def allocated() -> int:
+        return os.fstat(image._fd).st_blocks * 512
+
+    try:
+        before = allocated()
+        if not image.prefault(100, (4 << 20) + 100):
+            pytest.skip("this kernel lacks madvise(MADV_POPULATE_WRITE) (Linux 5.14)")
+        # the range's pages (and no more than the range's, rounded to pages), nothing written
+        assert 4 << 20 <= allocated() - before <= (4 << 20) + 3 * os.sysconf("SC_PAGE_SIZE")
+        assert not image.data[: 4 << 20].any()
+        assert image.prefault(8 << 20, 9 << 20)  # past the end: nothing, and no error
+    finally:
+        image.close()
+        image.unlink()

@@ -70,9 +70,9 @@ class NodeImageRoute:
                 ready[j].set()  # even if it failed: the bucket is sent (and the load fails)
 
         join = ctx.start_readers(mine, read)
-        if crossing:
-            join = self._prefault_receipts(ctx, run, stop, join)
         try:
+            if crossing:
+                join = self._prefault_receipts(ctx, run, stop, join)
             for group in self._rounds(run) if crossing else [[j] for j in range(len(run))]:
                 for j in group:
                     if run[j].owner == me:
