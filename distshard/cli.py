@@ -21,7 +21,8 @@ from .index import FileInfo, describe_file, find_checkpoint, safe_path
 from .keys import key_rules
 from .loader import DEFAULT_BUCKET_SIZE
 from .materialize import ModelTargets
-from .plan import make_plan
+from .options import LoadOptions
+from .plan import make_plan, scaled_bucket_size
 from .reshard import reshard
 from .shardfiles import parse_size
 from .validate import TargetSpec, match_checkpoint
@@ -136,7 +137,9 @@ def _plan(args) -> dict:
     groups = [range(n * per_node_ranks, (n + 1) * per_node_ranks) for n in range(args.nodes)]
     if match is not None:  # as the load reads: the tensors the model uses, as it forms them
         files = list(match.files)
-    plan = make_plan(files, args.world_size, args.bucket_size,
+    # as a replicated load over gloo plans (its nodes' images cross nodes in smaller buckets)
+    options = LoadOptions(bucket_size=args.bucket_size, locality=args.locality)
+    plan = make_plan(files, args.world_size, options.bucket_size_for(args.nodes, True),
                      groups if args.locality == "node" else None,
                      parts=match.parts if match else None,
                      conversions=match.conversions if match else (),
@@ -158,7 +161,9 @@ def _plan(args) -> dict:
         replicated=dict(holds_per_node=total, holds_per_rank=total,
                         staging_per_rank=plan.bucket_size),
         sharded=dict(holds_per_rank=-(-total // args.world_size),
-                     staging_per_rank=2 * plan.bucket_size),
+                     staging_per_rank=2 * scaled_bucket_size(
+                         args.bucket_size, total, per_node_ranks if args.locality == "node"
+                         else args.world_size)),
         mapping=mapping)
 
 

@@ -135,7 +135,8 @@ def load(
     started = time.perf_counter()
     with PeakMemorySampler() as memory, paused_gc():  # see paused_gc: ~30 us per tensor
         try:
-            targets, rules, outcome, topology = _plan(model, checkpoint, comm, options)
+            targets, rules, outcome, topology = _plan(model, checkpoint, comm, options,
+                                                      target_device)
             with JobProgress(sum(outcome.plan.bytes_per_rank()), rank=comm.rank,
                              key=outcome.token, store=_store(comm),
                              enabled=outcome.progress) as progress:
@@ -179,8 +180,8 @@ def load(
     return report
 
 
-def _plan(model, checkpoint, comm: Comm,
-          options: LoadOptions) -> tuple[ModelTargets, object, _Outcome, Topology]:
+def _plan(model, checkpoint, comm: Comm, options: LoadOptions,
+          device: torch.device) -> tuple[ModelTargets, object, _Outcome, Topology]:
     """Every rank inspects its model and names its node; rank 0 validates the checkpoint; all
     agree; rank 0 plans for the nodes found and sends the plan."""
     failure, targets, rules, found, outcome, signature = None, None, None, None, None, 0
@@ -207,7 +208,13 @@ def _plan(model, checkpoint, comm: Comm,
         readers = None
         if options.locality == "node":
             readers = [topology.ranks_on(n) for n in range(topology.num_nodes)]
-        bucket_size = options.bucket_size_for(topology.num_nodes, not targets.has_dtensors)
+        # (whether the ranks can share a node copy, not whether they must: shared_memory=True
+        # where they cannot fails in _allocate, on every rank)
+        images = topology.num_nodes > 1 and shares_node_copy(
+            all_whole_on_cpu=targets.all_whole_on_cpu(), world_size=comm.world_size,
+            group_device=comm.device, device=device,
+            shared_memory=None if options.shared_memory else options.shared_memory)
+        bucket_size = options.bucket_size_for(topology.num_nodes, images)
         plan = make_plan(match.files, comm.world_size, bucket_size, readers,
                          parts=match.parts, conversions=match.conversions, outputs=match.outputs)
         converted = sorted(n for c in match.conversions for t in c.targets

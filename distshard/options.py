@@ -12,7 +12,7 @@ __all__ = ["CROSSING_BUCKET_SIZE", "DEFAULT_BUCKET_SIZE", "DEFAULT_TIMEOUT", "Lo
 # Large enough that per-collective latency is amortised, small enough to stay a footnote
 # next to the model itself.
 DEFAULT_BUCKET_SIZE = 64 * 2**20
-# The largest bucket of a load whose whole tensors cross nodes: each node's owners read their
+# The largest bucket of a load whose node images cross nodes: each node's owners read their
 # buckets at the same time, and a bucket is sent to the other nodes only once it is read in
 # full, so the last ones read are all sent after the disk is done; smaller buckets keep that
 # tail short (see docs/benchmarks.md, "Replicated across nodes").
@@ -38,11 +38,11 @@ class LoadOptions:
     progress: bool | None = None
     key_mapping: dict[str, str] | None = None
 
-    def bucket_size_for(self, num_nodes: int, whole: bool) -> int:
+    def bucket_size_for(self, num_nodes: int, node_image: bool) -> int:
         """The bucket size a load plans with: ``bucket_size``, capped at
-        :data:`CROSSING_BUCKET_SIZE` where whole tensors cross nodes (several nodes, cluster
-        locality, and ``whole``: every tensor is wanted whole)."""
-        if num_nodes > 1 and self.locality == "cluster" and whole:
+        :data:`CROSSING_BUCKET_SIZE` where node images cross nodes (several nodes, cluster
+        locality, and ``node_image``: the ranks of a node share one copy of the tensors)."""
+        if num_nodes > 1 and self.locality == "cluster" and node_image:
             return min(self.bucket_size, CROSSING_BUCKET_SIZE)
         return self.bucket_size
 

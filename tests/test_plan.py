@@ -155,14 +155,15 @@ def test_a_node_image_gives_each_slot_its_own_bytes_and_each_bucket_one_run(
     assert all(t.numel() == 0 or (t.view(torch.uint8) != 0).all() for t in tensors.values())
 
 
-def test_loads_whose_whole_tensors_cross_nodes_plan_smaller_buckets():
+def test_loads_whose_node_images_cross_nodes_plan_smaller_buckets():
     from distshard.options import CROSSING_BUCKET_SIZE, DEFAULT_BUCKET_SIZE, LoadOptions
 
     options = LoadOptions()
-    assert options.bucket_size_for(2, whole=True) == CROSSING_BUCKET_SIZE < DEFAULT_BUCKET_SIZE
-    # one node, shards, or every node reading for itself: the size asked for
-    assert options.bucket_size_for(1, whole=True) == DEFAULT_BUCKET_SIZE
-    assert options.bucket_size_for(4, whole=False) == DEFAULT_BUCKET_SIZE
-    assert LoadOptions(locality="node").bucket_size_for(4, whole=True) == DEFAULT_BUCKET_SIZE
+    assert options.bucket_size_for(2, node_image=True) == CROSSING_BUCKET_SIZE < DEFAULT_BUCKET_SIZE
+    # one node, no shared copy (shards, a GPU, shared_memory=False), or every node reading for
+    # itself: the size asked for
+    assert options.bucket_size_for(1, node_image=True) == DEFAULT_BUCKET_SIZE
+    assert options.bucket_size_for(4, node_image=False) == DEFAULT_BUCKET_SIZE
+    assert LoadOptions(locality="node").bucket_size_for(4, node_image=True) == DEFAULT_BUCKET_SIZE
     # a smaller size asked for stays
-    assert LoadOptions(bucket_size=1 << 20).bucket_size_for(4, whole=True) == 1 << 20
+    assert LoadOptions(bucket_size=1 << 20).bucket_size_for(4, node_image=True) == 1 << 20
