@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import re
-import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -40,6 +38,7 @@ from .keymap import (
     stack,
 )
 from .materialize import named_modules
+from .patterns import could_match
 
 __all__ = ["TransformersRules", "is_transformers_model", "keep_used", "own_class",
            "own_classes"]
@@ -112,37 +111,9 @@ class TransformersRules:
         return builder.build(unmatched)
 
     def _could_match(self):
-        """A test that is False for a key no transform can rename (each would return it
-        unchanged, with no pattern): most keys, for which ``rename_source_key`` is then only its
-        base-model prefix step. The test is each transform's own compiled patterns, searched
-        in the key; a transform scoped to a sub-model may match whenever the key holds its
-        scope (with or without the base-model prefix before it)."""
-        patterns, scopes = [], []
-        for t in (*self.renamings, *self.converters):
-            if t.scope_prefix is None:
-                patterns.append(t.compiled_sources)
-            else:
-                scopes.append(f"{t.scope_prefix}." if t.scope_prefix else "")
-        either = _alternation(patterns)
-        searches = [p.search for p in patterns] if either is None else [either.search]
-
-        def found(key: str) -> bool:
-            for search in searches:
-                if search(key) is not None:
-                    return True
-            return False
-
-        if all(_digit_blind(p) for p in patterns):  # one search per shape of key
-            found = _by_digit_shape(found)
-
-        def could_match(key: str) -> bool:
-            if found(key):
-                return True
-            for scope in scopes:
-                if scope in key:
-                    return True
-            return False
-        return could_match
+        """A test that is False for a key no transform can rename (see
+        :func:`distshard.patterns.could_match`)."""
+        return could_match([*self.renamings, *self.converters])
 
     def _plan_group(self, builder: MapBuilder, layer: str, index: int,
                     collected: dict[str, list[str]], checkpoint: Mapping[str, Spec],
@@ -319,73 +290,6 @@ def _odd_one_out(shapes: Mapping[str, tuple[int, ...]], collected) -> str | None
             common = max(counts, key=counts.get)
             return next(k for k in keys if shapes[k] != common)
     return None
-
-
-_NAMED_GROUP = re.compile(r"\(\?P<\w+>")
-
-
-def _alternation(patterns: list[re.Pattern]) -> re.Pattern | None:
-    """One pattern that a key's search finds exactly where one of ``patterns``' does: their
-    alternation, each group's name dropped (transformers names them ``g0``, ``g1``... in every
-    pattern). None where that is not sure to hold: mixed flags, or a pattern that refers back
-    to a group (by name or number) or names a group in a way this does not read."""
-    if len(patterns) < 2 or len({p.flags for p in patterns}) != 1:
-        return None
-    parts = []
-    for p in patterns:
-        source = _unnamed(p)
-        if source is None:
-            return None
-        parts.append(f"(?:{source})")
-    try:
-        with warnings.catch_warnings():  # (a flag placed mid-pattern only warns before 3.11)
-            warnings.simplefilter("error")
-            return re.compile("|".join(parts), patterns[0].flags)
-    except (re.error, Warning):
-        return None
-
-
-def _unnamed(pattern: re.Pattern) -> str | None:
-    """The pattern's text with each named group made a plain one; None where the text is not
-    read so surely: a pattern that refers back to a group (by name or number), a conditional,
-    an escaped paren (``\\(?P<a>`` is no group), or a named group this does not read."""
-    source = pattern.pattern
-    if not isinstance(source, str) or "(?P=" in source or "(?(" in source or re.search(
-            r"\\[1-9]", source) or len(_NAMED_GROUP.findall(source)) != len(pattern.groupindex) \
-            or "\\(" in source:
-        return None
-    return _NAMED_GROUP.sub("(?:", source)
-
-
-def _digit_blind(pattern: re.Pattern) -> bool:
-    """Whether ``pattern`` cannot tell one ASCII digit from another, so that it is found in a
-    key exactly where it is found in the key with every digit made ``0``: read off its text,
-    which names no digit (group names aside), no character class, no character by name, and no
-    group to match again (these are where a pattern can tell digits apart; ``\\d``, ``\\w``,
-    ``.`` and the like cannot). Where the text does not say, False."""
-    source = _unnamed(pattern)
-    return source is not None and not any(c in source for c in "0123456789[") \
-        and "\\N" not in source
-
-
-# (on the key's UTF-8 bytes: str.translate costs more than the search it would save; no byte of
-# a character outside ASCII is an ASCII digit)
-_ZEROS = bytes.maketrans(b"123456789", b"000000000")
-
-
-def _by_digit_shape(found):
-    """``found``, asked once per shape of key (its digits made ``0``): a checkpoint's keys
-    repeat a few shapes over layers and experts. Only for tests that cannot tell one digit
-    from another (:func:`_digit_blind`)."""
-    seen: dict[bytes, bool] = {}
-
-    def cached(key: str) -> bool:
-        shape = key.encode("utf-8", "surrogatepass").translate(_ZEROS)
-        hit = seen.get(shape)
-        if hit is None:
-            hit = seen[shape] = found(key)
-        return hit
-    return cached
 
 
 def _natural_order(dot_natural_key):

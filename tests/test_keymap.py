@@ -334,7 +334,7 @@ def test_keys_no_transform_finds_map_as_if_every_transform_were_tried(name):
 
 
 def test_one_alternation_finds_a_key_where_one_of_the_patterns_does():
-    from distshard.hfkeys import _alternation
+    from distshard.patterns import alternation
 
     patterns = [re.compile(p) for p in (
         r"(?P<g0>LayerNorm.gamma(?!\w))",
@@ -342,28 +342,28 @@ def test_one_alternation_finds_a_key_where_one_of_the_patterns_does():
          r"(?P<g1>^language_model\.model\.model(?!\w))"),
         r"(?P<g0>mlp\.experts\.\d+\.w[13])$",
         r"(?<=layers\.)(?P<g0>\d+)\.attn")]
-    either = _alternation(patterns)
+    either = alternation(patterns)
     keys = ["model.LayerNorm.gamma", "model.LayerNorm.gammas", "model.language_model.model.x",
             "x.model.language_model.model", "language_model.model.model.y", "mlp.experts.3.w1",
             "mlp.experts.3.w2", "mlp.experts.3.w1.bias", "layers.7.attn.q", "heads.7.attn.q", ""]
     for key in keys:
         assert (either.search(key) is not None) == any(p.search(key) for p in patterns), key
     # where the alternation could find other keys than the patterns do: none is made
-    assert _alternation([re.compile(r"(?P<g0>a)(?P=g0)"), re.compile("b")]) is None
-    assert _alternation([re.compile(r"(a)\1"), re.compile("b")]) is None
-    assert _alternation([re.compile("a", re.IGNORECASE), re.compile("b")]) is None
-    assert _alternation([re.compile(r"\(?P<g0>a"), re.compile("b")]) is None
+    assert alternation([re.compile(r"(?P<g0>a)(?P=g0)"), re.compile("b")]) is None
+    assert alternation([re.compile(r"(a)\1"), re.compile("b")]) is None
+    assert alternation([re.compile("a", re.IGNORECASE), re.compile("b")]) is None
+    assert alternation([re.compile(r"\(?P<g0>a"), re.compile("b")]) is None
 
 
 def test_a_search_that_cannot_tell_digits_apart_is_asked_once_per_shape_of_key():
-    from distshard.hfkeys import _by_digit_shape, _digit_blind
+    from distshard.patterns import by_digit_shape, digit_blind
 
     blind = [r"(?P<g0>LayerNorm.gamma(?!\w))", r"(?P<g0>mlp\.experts\.\d+\.w\w)$",
              r"(?<=layers\.)(?P<g10>\d+)\.attn", r"^model\.(?P<g0>.+)"]
     seeing = [r"layers\.1\.", r"experts\.[0-3]\.", r"\d{2}", r"\N{DIGIT ONE}", r"(?P<a>\d)(?P=a)",
               r"(\d)\1", r"\x31", r"\(?P<a1>"]
-    assert all(_digit_blind(re.compile(p)) for p in blind)
-    assert not any(_digit_blind(re.compile(p)) for p in seeing)
+    assert all(digit_blind(re.compile(p)) for p in blind)
+    assert not any(digit_blind(re.compile(p)) for p in seeing)
     keys = [f"model.layers.{i}.mlp.experts.{e}.w{w}" for i in (0, 7, 12, 300) for e in (1, 45)
             for w in (1, 3)] + ["model.layers.3.attn.q", "model.LayerNorm.gamma", "x.y"]
     for p in map(re.compile, blind):
@@ -373,7 +373,7 @@ def test_a_search_that_cannot_tell_digits_apart_is_asked_once_per_shape_of_key()
             asked.append(key)
             return p.search(key) is not None
 
-        cached = _by_digit_shape(found)
+        cached = by_digit_shape(found)
         assert [cached(k) for k in keys] == [p.search(k) is not None for k in keys], p
         assert len(asked) == len({k.translate(str.maketrans("123456789", "0" * 9))
                                   for k in keys}) < len(keys)
