@@ -213,7 +213,7 @@ def _plan(model, checkpoint, comm: Comm, options: LoadOptions,
         images = topology.num_nodes > 1 and shares_node_copy(
             all_whole_on_cpu=targets.all_whole_on_cpu(), world_size=comm.world_size,
             group_device=comm.device, device=device,
-            shared_memory=None if options.shared_memory else options.shared_memory)
+            shared_memory=False if options.shared_memory is False else None)
         bucket_size = options.bucket_size_for(topology.num_nodes, images)
         plan = make_plan(match.files, comm.world_size, bucket_size, readers,
                          parts=match.parts, conversions=match.conversions, outputs=match.outputs)

@@ -39,9 +39,12 @@ _ENTRY = 8
 _POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
 # Called through ctypes, which lets go of the GIL for the call (mmap.madvise holds it: the
 # reader threads and the sends would wait while the pages of a bucket are allocated).
-_madvise = ctypes.CDLL(None, use_errno=True).madvise
-_madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-_madvise.restype = ctypes.c_int
+try:
+    _madvise = ctypes.CDLL(None).madvise
+    _madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    _madvise.restype = ctypes.c_int
+except (OSError, AttributeError):  # no C library to call (the image's writes then allocate)
+    _madvise = None
 
 
 class NodeImage:
@@ -105,8 +108,10 @@ class NodeImage:
         length = min(_HEADER + end, self._size) - start
         if length <= 0:
             return True
-        # (the mapping stays while the route runs: it closes the image after its threads end)
-        return _madvise(self._shared.data_ptr() + start, length, _POPULATE_WRITE) == 0
+        shared = self._shared  # (held through the call: the mapping stays while it runs)
+        if _madvise is None or shared is None:
+            return False
+        return _madvise(shared.data_ptr() + start, length, _POPULATE_WRITE) == 0
 
     def _entries(self) -> torch.Tensor:
         return self._shared[:_HEADER].view(torch.int64)

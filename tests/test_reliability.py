@@ -80,6 +80,15 @@ def _die_or_stall(rank: int, world_size: int, path: str, fault: tuple, nodes: st
         # in the image, into pages that each receiver allocates ahead on a thread of its own
         os.environ["DISTSHARD_NODE"] = str(rank)
         spec = WIDE_SPEC
+    if nodes == "image":  # each range slow to allocate: the thread is alive when rank 1 dies
+        from distshard.shm import NodeImage
+
+        allocate = NodeImage.prefault
+
+        def slowly(image, begin, end):
+            time.sleep(0.5)
+            return allocate(image, begin, end)
+        NodeImage.prefault = slowly
     # Every rank connected before one dies: a rank killed while a peer is still inside
     # init_process_group fails that peer there, in gloo, before distshard is called.
     dist.barrier()
