@@ -145,3 +145,25 @@ def test_a_receiver_allocates_its_image_pages_ahead_of_what_it_receives():
     finally:
         image.close()
         image.unlink()
+
+
+def test_a_rank_drops_its_page_table_entries_of_what_it_wrote_and_the_bytes_stay():
+    import os
+    import secrets
+
+    from distshard.shm import NodeImage
+
+    def mapped_shmem() -> int:  # shared memory pages this process maps
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssShmem"))
+
+    image = NodeImage(secrets.token_hex(8), 0, 8 << 20, 1)
+    try:
+        image.data[: 4 << 20].fill_(7)
+        before = mapped_shmem()
+        assert image.forget(0, 4 << 20)
+        assert mapped_shmem() <= before - (4 << 20) + os.sysconf("SC_PAGE_SIZE")
+        assert bool((image.data[: 4 << 20] == 7).all()) and not image.data[4 << 20:].any()
+    finally:
+        image.close()
+        image.unlink()

@@ -14,7 +14,9 @@ of the tensors per node, in ``/dev/shm`` (:class:`distshard.shm.NodeImage`, laid
    for what they will receive ahead of it, on a thread of their own, while the disk paces the
    load: the sends then keep up with the reads, and little is left to send once the disk is
    done (with the plan's smaller buckets for such loads,
-   :data:`~distshard.options.CROSSING_BUCKET_SIZE`);
+   :data:`~distshard.options.CROSSING_BUCKET_SIZE`); a rank done with a bucket's bytes drops
+   its page-table entries of them, so that closing its shared mapping after the last read is
+   cheap;
 3. one barrier; then every rank's tensors are views of its private mapping of the image.
 """
 
@@ -84,6 +86,7 @@ class NodeImageRoute:
                     for j in group:
                         if j in room:
                             room[j].release()
+                self._forget(ctx, group, run, crossing)
         except BaseException:  # a peer is gone: no reader may wait for a send that won't come
             stop.set()
             for gate in list(gates.values()):
@@ -153,6 +156,21 @@ class NodeImageRoute:
             join()
 
         return join_both
+
+    def _forget(self, ctx: Context, group: list[int], run: list[Bucket], crossing: bool) -> None:
+        """This rank is done with the image's bytes of ``group`` (read, sent, received): drop
+        its page-table entries of them now, while the disk paces the load, rather than all at
+        once when the shared mapping closes after the last read."""
+        topo, me = ctx.topology, ctx.rank
+        for j in group:
+            bucket = run[j]
+            if bucket.owner != me and not (
+                    crossing and topo.node_of[bucket.owner] != topo.node_of[me]
+                    and _receiver(topo, j, topo.node_of[me]) == me):
+                continue  # (never mapped here)
+            span = self.layout.run(bucket)
+            if span is not None:
+                self.image.forget(*span)
 
     def _rounds(self, run: list[Bucket]) -> list[list[int]]:
         """The buckets in plan order, in rounds that cross nodes at once: consecutive buckets of
