@@ -86,7 +86,7 @@ class NodeImageRoute:
                     for j in group:
                         if j in room:
                             room[j].release()
-                self._forget(ctx, group, run, crossing)
+                self._forget(ctx, group, run)
         except BaseException:  # a peer is gone: no reader may wait for a send that won't come
             stop.set()
             for gate in list(gates.values()):
@@ -136,8 +136,7 @@ class NodeImageRoute:
         Returns ``join`` that waits for this thread too."""
         topo, me = ctx.topology, ctx.rank
         ranges = [self.layout.run(bucket) for j, bucket in enumerate(run)
-                  if topo.node_of[bucket.owner] != topo.node_of[me]
-                  and _receiver(topo, j, topo.node_of[me]) == me
+                  if _receives(topo, j, bucket, me)
                   and not self._crosses_as_read(bucket)]
 
         done = threading.Event()  # the exchange is over: what is left has been received
@@ -157,16 +156,14 @@ class NodeImageRoute:
 
         return join_both
 
-    def _forget(self, ctx: Context, group: list[int], run: list[Bucket], crossing: bool) -> None:
+    def _forget(self, ctx: Context, group: list[int], run: list[Bucket]) -> None:
         """This rank is done with the image's bytes of ``group`` (read, sent, received): drop
         its page-table entries of them now, while the disk paces the load, rather than all at
         once when the shared mapping closes after the last read."""
         topo, me = ctx.topology, ctx.rank
         for j in group:
             bucket = run[j]
-            if bucket.owner != me and not (
-                    crossing and topo.node_of[bucket.owner] != topo.node_of[me]
-                    and _receiver(topo, j, topo.node_of[me]) == me):
+            if bucket.owner != me and not _receives(topo, j, bucket, me):
                 continue  # (never mapped here)
             span = self.layout.run(bucket)
             if span is not None:
@@ -224,6 +221,12 @@ class NodeImageRoute:
     def _map(self, ctx: Context, run: list[Bucket]) -> None:
         ctx.dests = self.layout.tensors(self.image.private())
         ctx.fill_whole(run)
+
+
+def _receives(topo: Topology, j: int, bucket: Bucket, rank: int) -> bool:
+    """Whether ``rank`` receives the load's ``j``-th bucket from another node."""
+    node = topo.node_of[rank]
+    return topo.node_of[bucket.owner] != node and _receiver(topo, j, node) == rank
 
 
 def _receiver(topo: Topology, j: int, node: int) -> int:
