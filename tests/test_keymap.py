@@ -292,6 +292,36 @@ def test_a_user_key_mapping_goes_first_and_unmatched_patterns_are_reported():
     assert set(keymap.formed) == set(specs) and keymap.unmatched_rules == (r"^nope",)
 
 
+def test_the_conversion_lookup_walks_the_modules_as_torch_walks_them():
+    """own_classes hands transformers' lookup the modules already listed: the same pairs in
+    the same order as torch's walk, the same transforms found, and nothing left behind."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+
+    from distshard.hfkeys import own_classes
+
+    def found(model):
+        return [(type(t).__name__, t.source_patterns, t.target_patterns, t.scope_prefix)
+                for t in get_model_conversion_mapping(model)]
+
+    model = _meta_model("mixtral", "AutoModelForCausalLM", **MOE)
+    model.model.again = model.model.layers[0]  # one module listed twice, children and all
+    walk = torch.nn.Module.named_modules
+    want, transforms = list(walk(model)), found(model)
+    with own_classes(model):
+        assert "named_modules" in vars(model)
+        assert list(model.named_modules()) == want and found(model) == transforms
+        assert list(model.named_modules(prefix="p")) == list(walk(model, prefix="p"))
+    assert "named_modules" not in vars(model)
+
+    class OwnWalk(torch.nn.Module):
+        def named_modules(self, *args, **kwargs):
+            yield "", self
+
+    model.model.own = OwnWalk()  # a class that walks its own way: torch's walk, as it is
+    with own_classes(model):
+        assert "named_modules" not in vars(model)
+
+
 def _layouts(model) -> dict[str, dict]:
     """Checkpoint layouts of ``model``'s keys: its own, as save_pretrained writes them (the
     transforms reverted), without the base-model prefix, with the norms' legacy names
