@@ -19,6 +19,7 @@ class ImageLayout:
     rank."""
 
     offset: dict[str, int]
+    end: dict[str, int]  # where each tensor's bytes end
     dtype: dict[str, torch.dtype]
     shape: dict[str, tuple[int, ...]]
     nbytes: int
@@ -29,15 +30,15 @@ class ImageLayout:
         """Lay the tensors out in file order: a bucket of whole tensors, or of rows of one
         tensor, is then one run of bytes (:meth:`run`); buckets of boxes of fused tensors may
         not be."""
-        offset, end = {}, 0
+        offset, ends, end = {}, {}, 0
         for bucket in sorted(plan.buckets, key=_file_order):
             for slot in bucket.slots:
                 if slot.key not in offset:
                     dtype, shape = specs[slot.key]
                     offset[slot.key] = align(end)
-                    end = offset[slot.key] + volume(shape) * dtype.itemsize
-        layout = cls(offset, {k: specs[k][0] for k in offset}, {k: specs[k][1] for k in offset},
-                     end)
+                    end = ends[slot.key] = offset[slot.key] + volume(shape) * dtype.itemsize
+        layout = cls(offset, ends, {k: specs[k][0] for k in offset},
+                     {k: specs[k][1] for k in offset}, end)
         layout._check_runs(plan)
         return layout
 
@@ -50,7 +51,10 @@ class ImageLayout:
 
     def _slot_range(self, slot: Slot) -> tuple[int, int] | None:
         """The image bytes of the slot's box, when the box is contiguous in its tensor."""
-        start = contiguous_start(slot.extent, self.shape[slot.key])
+        key = slot.key
+        if slot.shape == self.shape[key]:  # the whole tensor (a box inside it, as big)
+            return self.offset[key], self.end[key]
+        start = contiguous_start(slot.extent, self.shape[key])
         if start is None:
             return None
         size = self.dtype[slot.key].itemsize
@@ -61,23 +65,24 @@ class ImageLayout:
         """Whether the slot's box is one run of bytes in the image."""
         return self._slot_range(slot) is not None
 
-    def _tensor_end(self, key: str) -> int:
-        return self.offset[key] + volume(self.shape[key]) * self.dtype[key].itemsize
-
     def run(self, bucket: Bucket) -> tuple[int, int] | None:
         """The bucket's slots as one run of image bytes: each slot contiguous, each next one
         right after the last (or, in another tensor, after the alignment between two whole
         tensors); None otherwise."""
-        ranges = [self._slot_range(s) for s in bucket.slots]
-        if any(r is None for r in ranges):
-            return None
-        for s, t, (_, a1), (b0, _) in zip(bucket.slots, bucket.slots[1:], ranges, ranges[1:]):
-            if s.key == t.key:
-                if b0 != a1:
-                    return None
-            elif not (a1 == self._tensor_end(s.key) and b0 == self.offset[t.key] == align(a1)):
+        begin = end = last = None  # of the run so far, and the key of its last slot
+        for slot in bucket.slots:
+            r = self._slot_range(slot)
+            if r is None:
                 return None
-        return ranges[0][0], ranges[-1][1]
+            if last is None:
+                begin = r[0]
+            elif slot.key == last:
+                if r[0] != end:
+                    return None
+            elif not (end == self.end[last] and r[0] == self.offset[slot.key] == align(end)):
+                return None
+            end, last = r[1], slot.key
+        return begin, end
 
     def slot_bytes(self, data: torch.Tensor, slot: Slot) -> torch.Tensor:
         """The bytes of ``slot``'s box, in the parameter's dtype (a box contiguous in its
@@ -89,14 +94,9 @@ class ImageLayout:
         """The slot's box of its tensor in the image, typed (strided where the box is)."""
         return self.tensor(data, slot.key)[region(slot.extent, None)]
 
-    def bucket_bytes(self, data: torch.Tensor, bucket: Bucket) -> torch.Tensor:
-        """The bucket's :meth:`run` of bytes."""
-        begin, end = self.run(bucket)
-        return data[begin:end]
-
     def tensor(self, data: torch.Tensor, key: str) -> torch.Tensor:
         o = self.offset[key]
-        return data[o:self._tensor_end(key)].view(self.dtype[key]).view(self.shape[key])
+        return data[o:self.end[key]].view(self.dtype[key]).view(self.shape[key])
 
     def tensors(self, data: torch.Tensor) -> dict[str, torch.Tensor]:
         return {k: self.tensor(data, k) for k in self.offset}

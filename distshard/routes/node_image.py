@@ -48,6 +48,7 @@ class NodeImageRoute:
         me, topo = ctx.rank, ctx.topology
         crossing = topo.num_nodes > 1 and not ctx.node_local
         mine = [j for j, bucket in enumerate(run) if bucket.owner == me]
+        spans, raw = self._spans(run, crossing)
         ready = {j: threading.Event() for j in mine}
         as_read: dict[int, torch.Tensor] = {}  # read, not yet sent: buckets that cross as read
         gates: dict[int, threading.Semaphore] = {}  # per reader: one such bucket at a time
@@ -57,7 +58,7 @@ class NodeImageRoute:
         def read_one(reader: ShardReader, j: int) -> None:
             if stop.is_set():
                 return
-            keep = crossing and self._crosses_as_read(run[j])
+            keep = raw[j]
             if keep:
                 room[j] = gates.setdefault(id(reader), threading.Semaphore(1))
                 room[j].acquire()  # released once its previous such bucket has been sent
@@ -74,19 +75,19 @@ class NodeImageRoute:
         join = ctx.start_readers(mine, read)
         try:
             if crossing:
-                join = self._prefault_receipts(ctx, run, stop, join)
-            for group in self._rounds(run) if crossing else [[j] for j in range(len(run))]:
+                join = self._prefault_receipts(ctx, run, spans, raw, stop, join)
+            for group in self._rounds(run, raw) if crossing else [[j] for j in range(len(run))]:
                 for j in group:
                     if run[j].owner == me:
                         ready[j].wait()  # sent in plan order, whichever thread read it
                     else:
                         ctx.bytes_received += run[j].nbytes
                 if crossing:
-                    self._cross_nodes(ctx, group, run, as_read)
+                    self._cross_nodes(ctx, group, run, spans, raw, as_read)
                     for j in group:
                         if j in room:
                             room[j].release()
-                self._forget(ctx, group, run)
+                self._forget(ctx, group, run, spans)
         except BaseException:  # a peer is gone: no reader may wait for a send that won't come
             stop.set()
             for gate in list(gates.values()):
@@ -118,26 +119,32 @@ class NodeImageRoute:
         for s in bucket.slots:
             self.layout.slot_view(self.image.data, s).copy_(slot_tensor(staged, s))
 
-    def _crosses_as_read(self, bucket: Bucket) -> bool:
-        """Whether the bucket crosses nodes as read, each receiving node putting it in its
-        image: where it is not one run of the image (boxes of fused tensors), or is smaller as
-        read than converted (its dtypes widen). The same on every rank."""
-        run = self.layout.run(bucket)
-        if run is None:
-            return True
-        return (any(s.dtype != self.layout.dtype[s.key] for s in bucket.slots)
-                and bucket.nbytes < run[1] - run[0])
+    def _spans(self, run: list[Bucket], crossing: bool
+               ) -> tuple[list[tuple[int, int] | None], list[bool]]:
+        """Each bucket's run of image bytes (:meth:`ImageLayout.run`: None where it is not one
+        run), and whether it crosses nodes as read (False where nothing crosses): where it is
+        not one run of the image (boxes of fused tensors), or is smaller as read than converted
+        (its dtypes widen). The same on every rank; each a pass over the bucket's slots, made
+        once per load."""
+        spans = [self.layout.run(bucket) for bucket in run]
+        if not crossing:
+            return spans, [False] * len(run)
+        dtype = self.layout.dtype
+        return spans, [span is None or (any(s.dtype != dtype[s.key] for s in bucket.slots)
+                                        and bucket.nbytes < span[1] - span[0])
+                       for bucket, span in zip(run, spans)]
 
-    def _prefault_receipts(self, ctx: Context, run: list[Bucket], stop: threading.Event,
+    def _prefault_receipts(self, ctx: Context, run: list[Bucket],
+                           spans: list[tuple[int, int] | None], raw: list[bool],
+                           stop: threading.Event,
                            join: Callable[[], None]) -> Callable[[], None]:
         """Allocate the image's pages for what this rank will receive, in plan order, on a
         thread of their own while the disk paces the load: receiving then copies into pages
         that exist (allocating each page as the bytes arrive takes about as long as the copy).
         Returns ``join`` that waits for this thread too."""
         topo, me = ctx.topology, ctx.rank
-        ranges = [self.layout.run(bucket) for j, bucket in enumerate(run)
-                  if _receives(topo, j, bucket, me)
-                  and not self._crosses_as_read(bucket)]
+        ranges = [spans[j] for j, bucket in enumerate(run)
+                  if not raw[j] and _receives(topo, j, bucket, me)]
 
         done = threading.Event()  # the exchange is over: what is left has been received
 
@@ -156,7 +163,8 @@ class NodeImageRoute:
 
         return join_both
 
-    def _forget(self, ctx: Context, group: list[int], run: list[Bucket]) -> None:
+    def _forget(self, ctx: Context, group: list[int], run: list[Bucket],
+                spans: list[tuple[int, int] | None]) -> None:
         """This rank is done with the image's bytes of ``group`` (read, sent, received): drop
         its page-table entries of them now, while the disk paces the load, rather than all at
         once when the shared mapping closes after the last read."""
@@ -165,11 +173,12 @@ class NodeImageRoute:
             bucket = run[j]
             if bucket.owner != me and not _receives(topo, j, bucket, me):
                 continue  # (never mapped here)
-            span = self.layout.run(bucket)
+            span = spans[j]
             if span is not None:
                 self.image.forget(*span)
 
-    def _rounds(self, run: list[Bucket]) -> list[list[int]]:
+    @staticmethod
+    def _rounds(run: list[Bucket], raw: list[bool]) -> list[list[int]]:
         """The buckets in plan order, in rounds that cross nodes at once: consecutive buckets of
         distinct owners (the plan deals buckets to owners in turn, and the owners read the
         buckets of one round at the same time: were they sent one after another, the sends of
@@ -179,7 +188,7 @@ class NodeImageRoute:
         owners: set[int] = set()
         last_alone = False
         for j, bucket in enumerate(run):
-            alone = self._crosses_as_read(bucket)
+            alone = raw[j]
             if not rounds or alone or last_alone or bucket.owner in owners:
                 rounds.append([])
                 owners = set()
@@ -189,6 +198,7 @@ class NodeImageRoute:
         return rounds
 
     def _cross_nodes(self, ctx: Context, group: list[int], run: list[Bucket],
+                     spans: list[tuple[int, int] | None], raw: list[bool],
                      as_read: dict[int, torch.Tensor]) -> None:
         """Each bucket of ``group`` goes from its reader to one rank of every other node
         (:func:`_receiver`), all of them at once: its bytes in the image, or as read
@@ -198,12 +208,11 @@ class NodeImageRoute:
         sends, recvs, staged = [], [], []
         for j in group:
             bucket = run[j]
-            raw = self._crosses_as_read(bucket)
             kept = as_read.pop(j, None)
-            if raw and (me != bucket.owner or kept is None):
+            if raw[j] and (me != bucket.owner or kept is None):
                 view = ctx.buffers.get("cross", bucket.nbytes)
             else:
-                view = kept if raw else self.layout.bucket_bytes(self.image.data, bucket)
+                view = kept if raw[j] else self.image.data[spans[j][0]:spans[j][1]]
             for node in range(topo.num_nodes):
                 if node == topo.node_of[bucket.owner]:
                     continue
@@ -212,7 +221,7 @@ class NodeImageRoute:
                     sends.append((view, receiver))
                 elif me == receiver:
                     recvs.append((view, bucket.owner))
-                    if raw:
+                    if raw[j]:
                         staged.append((bucket, view))
         ctx.comm.exchange(sends, recvs)
         for bucket, view in staged:
