@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 import torch
 
+from .byteviews import ByteViews
 from .errors import DistShardError
 from .index import safe_path
 from .keymap import Conversion
@@ -269,46 +270,26 @@ def map_files(root: str, plan: LoadPlan, buckets: list[Bucket]) -> dict[str, tor
                 held.append(slot)
             else:
                 whole[slot.key] = [held, slot]
-    data: dict[str, torch.Tensor] = {}
-    typed: dict[tuple[str, torch.dtype], torch.Tensor] = {}  # a file's mapping as one dtype
-    strides: dict[tuple[int, ...], tuple[int, ...]] = {}
+    data: dict[str, ByteViews] = {}  # each file's mapping
     out = {}
     for bucket in buckets:
         if bucket.file not in data:
-            data[bucket.file] = _map_private(root, plan.file(bucket.file))
+            data[bucket.file] = ByteViews(_map_private(root, plan.file(bucket.file)))
         for slot in bucket.slots:
             if slot.key in out or any(slot.at):
                 continue
             parts = whole[slot.key]
-            size = slot.dtype.itemsize
-            if type(parts) is not list and slot.begin % size == 0:
-                # the tensor is this one slot: a view of the file straight from its typed
-                # mapping (one call, where slicing and two views are three)
-                flat = typed.get((bucket.file, slot.dtype))
-                if flat is None:
-                    mapped = data[bucket.file]
-                    flat = typed[bucket.file, slot.dtype] = (
-                        mapped[:mapped.numel() // size * size].view(slot.dtype))
-                stride = strides.get(slot.shape)
-                if stride is None:
-                    stride = strides[slot.shape] = _contiguous_strides(slot.shape)
-                out[slot.key] = flat.as_strided(slot.shape, stride, slot.begin // size)
+            if type(parts) is not list and slot.begin % slot.dtype.itemsize == 0:
+                # the tensor is this one slot: one view of the file
+                out[slot.key] = data[bucket.file].at(slot.begin, slot.dtype, slot.shape)
                 continue
             parts = parts if type(parts) is list else [parts]  # runs of one contiguous part,
             shape = tuple(max(s.extent[0][d] + s.shape[d] for s in parts)  # from its first
                           for d in range(len(slot.shape)))  # element on
             nbytes = sum(s.nbytes for s in parts)
-            out[slot.key] = (data[bucket.file][slot.begin:slot.begin + nbytes]
+            out[slot.key] = (data[bucket.file].data[slot.begin:slot.begin + nbytes]
                              .view(slot.dtype).view(shape))
     return out
-
-
-def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
-    strides, step = [], 1
-    for n in reversed(shape):
-        strides.append(step)
-        step *= max(n, 1)
-    return tuple(reversed(strides))
 
 
 def _map_private(root: str, f: PlannedFile) -> torch.Tensor:

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from distshard.routes.image_layout import ImageLayout
 from distshard.index import FileInfo, TensorInfo
-from distshard.keymap import Conversion, leaf, stack
+from distshard.keymap import Conversion, leaf, stack, volume
 from distshard.plan import ALIGN, assign_ranges, make_plan
 
 
@@ -153,7 +153,25 @@ def test_a_node_image_gives_each_slot_its_own_bytes_and_each_bucket_one_run(
         assert set(run.unique().tolist()) <= {0, i % 250 + 1}
     tensors = image.tensors(data)
     assert {k: v.shape for k, v in tensors.items()} == {k: t[1] for k, t in specs.items()}
+    for k, t in tensors.items():  # the same view as the tensor's own bytes, sliced and typed
+        sliced = image.tensor(data, k)
+        assert (t.dtype, t.stride(), t.data_ptr()) == (dtype, sliced.stride(), sliced.data_ptr())
     assert all(t.numel() == 0 or (t.view(torch.uint8) != 0).all() for t in tensors.values())
+
+
+def test_byte_views_are_the_bytes_sliced_and_typed():
+    from distshard.byteviews import ByteViews
+
+    data = torch.arange(80, dtype=torch.uint8)[16:]  # (16 bytes into its storage)
+    views = ByteViews(data[:62])  # (not a whole number of float64s)
+    for begin, dtype, shape in [(0, torch.float32, (2, 3)), (8, torch.int16, (5,)),
+                                (16, torch.float64, ()), (24, torch.float64, (0, 4)),
+                                (48, torch.float64, (1, 1)), (60, torch.uint8, (2,)),
+                                (62, torch.int16, (0,))]:
+        got = views.at(begin, dtype, shape)
+        want = data[begin:begin + volume(shape) * dtype.itemsize].view(dtype).view(shape)
+        assert (got.dtype, got.shape, got.stride()) == (dtype, want.shape, want.stride())
+        assert got.numel() == 0 or (got.data_ptr() == want.data_ptr() and torch.equal(got, want))
 
 
 def test_loads_whose_node_images_cross_nodes_plan_smaller_buckets():

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..byteviews import ByteViews
 from ..keymap import contiguous_start, region, volume
 from ..plan import Bucket, LoadPlan, Slot, align
 
@@ -99,7 +100,10 @@ class ImageLayout:
         return data[o:self.end[key]].view(self.dtype[key]).view(self.shape[key])
 
     def tensors(self, data: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {k: self.tensor(data, k) for k in self.offset}
+        """Every tensor of the image, each a view of ``data`` (one call each: see
+        :class:`~distshard.byteviews.ByteViews`)."""
+        views = ByteViews(data)
+        return {k: views.at(o, self.dtype[k], self.shape[k]) for k, o in self.offset.items()}
 
 
 def _file_order(bucket: Bucket) -> tuple:
