@@ -107,6 +107,7 @@ class ModelTargets:
         self.model = model
         self.dtype = dtype
         self._specs: list[TargetSpec] | None = None
+        self._whole_on_cpu: bool | None = None
         self.modules = named_modules(model)
         self._group(self.modules)
         tie = getattr(model, "tie_weights", None)
@@ -217,15 +218,17 @@ class ModelTargets:
 
     def all_whole_on_cpu(self) -> bool:
         """Whether this rank wants every tensor whole (no sharded DTensor) and on the CPU (or on
-        meta, to land on the CPU)."""
-        for t in self._groups.values():
-            tensor = t.tensor
-            if isinstance(tensor, DTensor):
-                if t.box != whole(tensor.shape) or tensor.device.type not in ("cpu", "meta"):
-                    return False
-            elif not (tensor.is_cpu or tensor.is_meta):  # a plain tensor's box is all of it
-                return False
-        return True
+        meta, to land on the CPU). Found once (a load asks it twice on several nodes)."""
+        if self._whole_on_cpu is None:
+            self._whole_on_cpu = all(self._whole_on_cpu_one(t) for t in self._groups.values())
+        return self._whole_on_cpu
+
+    @staticmethod
+    def _whole_on_cpu_one(t: _Target) -> bool:
+        tensor = t.tensor
+        if isinstance(tensor, DTensor):
+            return t.box == whole(tensor.shape) and tensor.device.type in ("cpu", "meta")
+        return tensor.is_cpu or tensor.is_meta  # (a plain tensor's box is all of it)
 
     def whole_specs(self, plan: LoadPlan) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
         """The dtype and shape every key of the plan loads to, when it is loaded whole."""
