@@ -266,31 +266,39 @@ def own_classes(model: torch.nn.Module, modules: list | None = None):
     ``model.named_modules()``, a generator per module (0.3 s on 125,000 modules): that call
     lists the same pairs, in the same order, from ``modules`` (the model's ``(name, module)``
     pairs with duplicates, as :func:`~distshard.materialize.named_modules` gives them, if the
-    caller has them), unless a class of the model walks its modules its own way."""
+    caller has them), unless a module walks its modules its own way (its class, or the module
+    itself, defines ``named_modules``) or tells modules apart otherwise than by identity (its
+    class defines ``__eq__`` or ``__hash__``, which torch's walk uses)."""
     swapped, owns = [], {}  # class -> its own (one lookup per class, not per module)
     if modules is None:
         modules = named_modules(model)
-    walks = torch.nn.Module.named_modules
-    listed = True
-    for _, module in modules:  # (a module listed twice is swapped once: then it is its own)
-        cls = type(module)
-        own = owns.get(cls)
-        if own is None:
-            own = owns[cls] = own_class(module)
-            listed = listed and cls.named_modules is walks
-        if own is not cls:
-            swapped.append((module, cls))
-            module.__class__ = own
-    listed = listed and "named_modules" not in vars(model)
-    if listed:
-        model.named_modules = functools.partial(_listed_modules, model, modules)
+    listing = functools.partial(_listed_modules, model, modules)
     try:
+        listed = True
+        for _, module in modules:  # (a module listed twice is swapped once: then it is its own)
+            cls = type(module)
+            own = owns.get(cls)
+            if own is None:
+                own = owns[cls] = own_class(module)
+                listed = listed and _walked_by_torch(cls)
+            if own is not cls:
+                swapped.append((module, cls))
+                module.__class__ = own
+            if "named_modules" in module.__dict__:
+                listed = False
+        if listed:  # (an instance attribute, set as such: no parameter or child by that name)
+            model.__dict__["named_modules"] = listing
         yield
     finally:
-        if listed:
-            del model.named_modules
         for module, cls in swapped:
             module.__class__ = cls
+        if model.__dict__.get("named_modules") is listing:
+            del model.__dict__["named_modules"]
+
+
+def _walked_by_torch(cls: type) -> bool:
+    return (cls.named_modules is torch.nn.Module.named_modules
+            and cls.__eq__ is object.__eq__ and cls.__hash__ is object.__hash__)
 
 
 def _listed_modules(model: torch.nn.Module, modules: list, *args, **kwargs):

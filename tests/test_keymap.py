@@ -298,6 +298,7 @@ def test_the_conversion_lookup_walks_the_modules_as_torch_walks_them():
     from transformers.conversion_mapping import get_model_conversion_mapping
 
     from distshard.hfkeys import own_classes
+    from distshard.materialize import named_modules
 
     def found(model):
         return [(type(t).__name__, t.source_patterns, t.target_patterns, t.scope_prefix)
@@ -307,19 +308,34 @@ def test_the_conversion_lookup_walks_the_modules_as_torch_walks_them():
     model.model.again = model.model.layers[0]  # one module listed twice, children and all
     walk = torch.nn.Module.named_modules
     want, transforms = list(walk(model)), found(model)
-    with own_classes(model):
-        assert "named_modules" in vars(model)
-        assert list(model.named_modules()) == want and found(model) == transforms
-        assert list(model.named_modules(prefix="p")) == list(walk(model, prefix="p"))
+    for listed in (None, named_modules(model)):  # the modules listed here, or by the caller
+        with own_classes(model, listed):
+            assert "named_modules" in vars(model)
+            assert list(model.named_modules()) == want and found(model) == transforms
+            assert list(model.named_modules(prefix="p")) == list(walk(model, prefix="p"))
+        assert "named_modules" not in vars(model)
+    with pytest.raises(KeyError), own_classes(model):
+        raise KeyError("the lookup failed")
     assert "named_modules" not in vars(model)
 
     class OwnWalk(torch.nn.Module):
         def named_modules(self, *args, **kwargs):
             yield "", self
 
-    model.model.own = OwnWalk()  # a class that walks its own way: torch's walk, as it is
-    with own_classes(model):
-        assert "named_modules" not in vars(model)
+    class Equal(torch.nn.Module):
+        def __eq__(self, other):
+            return isinstance(other, Equal)
+
+        __hash__ = torch.nn.Module.__hash__
+
+    # modules that walk their own way, or that torch's walk may tell apart otherwise than by
+    # identity: torch's walk, as it is
+    for odd in (OwnWalk(), Equal(), torch.nn.Linear(1, 1)):
+        if type(odd) is torch.nn.Linear:
+            odd.named_modules = lambda *args, odd=odd, **kwargs: iter([("", odd)])
+        model.model.odd = odd
+        with own_classes(model):
+            assert "named_modules" not in vars(model)
 
 
 def _layouts(model) -> dict[str, dict]:
