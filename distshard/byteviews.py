@@ -20,9 +20,11 @@ class ByteViews:
 
     def at(self, begin: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
         """The contiguous tensor of ``dtype`` and ``shape`` whose bytes start at byte ``begin``
-        of ``data`` (a multiple of the dtype's size, as is where ``data`` starts in its
+        of ``data`` (a multiple of the dtype's size, as must be where ``data`` starts in its
         storage)."""
         size = dtype.itemsize
+        if begin % size:
+            raise ValueError(f"byte {begin} is not a multiple of {dtype}'s size, {size}")
         flat = self._typed.get(dtype)
         if flat is None:
             n = self.data.numel() // size * size

@@ -218,7 +218,7 @@ class ModelTargets:
 
     def all_whole_on_cpu(self) -> bool:
         """Whether this rank wants every tensor whole (no sharded DTensor) and on the CPU (or on
-        meta, to land on the CPU). Found once (a load asks it twice on several nodes)."""
+        meta, to land on the CPU). Found once (on several nodes rank 0 asks it twice)."""
         if self._whole_on_cpu is None:
             self._whole_on_cpu = all(self._whole_on_cpu_one(t) for t in self._groups.values())
         return self._whole_on_cpu

@@ -270,24 +270,24 @@ def map_files(root: str, plan: LoadPlan, buckets: list[Bucket]) -> dict[str, tor
                 held.append(slot)
             else:
                 whole[slot.key] = [held, slot]
-    data: dict[str, ByteViews] = {}  # each file's mapping
+    mapped: dict[str, ByteViews] = {}  # each file's mapping
     out = {}
     for bucket in buckets:
-        if bucket.file not in data:
-            data[bucket.file] = ByteViews(_map_private(root, plan.file(bucket.file)))
+        if bucket.file not in mapped:
+            mapped[bucket.file] = ByteViews(_map_private(root, plan.file(bucket.file)))
         for slot in bucket.slots:
             if slot.key in out or any(slot.at):
                 continue
             parts = whole[slot.key]
             if type(parts) is not list and slot.begin % slot.dtype.itemsize == 0:
                 # the tensor is this one slot: one view of the file
-                out[slot.key] = data[bucket.file].at(slot.begin, slot.dtype, slot.shape)
+                out[slot.key] = mapped[bucket.file].at(slot.begin, slot.dtype, slot.shape)
                 continue
             parts = parts if type(parts) is list else [parts]  # runs of one contiguous part,
             shape = tuple(max(s.extent[0][d] + s.shape[d] for s in parts)  # from its first
                           for d in range(len(slot.shape)))  # element on
             nbytes = sum(s.nbytes for s in parts)
-            out[slot.key] = (data[bucket.file].data[slot.begin:slot.begin + nbytes]
+            out[slot.key] = (mapped[bucket.file].data[slot.begin:slot.begin + nbytes]
                              .view(slot.dtype).view(shape))
     return out
 

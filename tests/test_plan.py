@@ -140,7 +140,8 @@ def test_a_node_image_gives_each_slot_its_own_bytes_and_each_bucket_one_run(
     plan = make_plan(files, world_size, bucket_size)
     specs = {k: (dtype, t.shape) for f in files for k, t in f.tensors.items()}
     image = ImageLayout.of(plan, specs)
-    data = torch.zeros(image.nbytes, dtype=torch.uint8)
+    # (4096 bytes into its storage, as a node image's data is, past its header)
+    data = torch.zeros(4096 + image.nbytes, dtype=torch.uint8)[4096:]
     for i, b in enumerate(plan.buckets):  # mark each bucket's slots with its number
         for s in b.slots:
             view = image.slot_bytes(data, s)
@@ -172,6 +173,8 @@ def test_byte_views_are_the_bytes_sliced_and_typed():
         want = data[begin:begin + volume(shape) * dtype.itemsize].view(dtype).view(shape)
         assert (got.dtype, got.shape, got.stride()) == (dtype, want.shape, want.stride())
         assert got.numel() == 0 or (got.data_ptr() == want.data_ptr() and torch.equal(got, want))
+    with pytest.raises(ValueError, match="multiple"):
+        views.at(2, torch.float32, (1,))
 
 
 def test_loads_whose_node_images_cross_nodes_plan_smaller_buckets():

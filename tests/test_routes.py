@@ -115,7 +115,7 @@ def test_buckets_cross_nodes_in_rounds_of_distinct_owners_and_as_read_ones_alone
                     tuple(Bucket(o, "f", 16, (s,)) for o, s in zip(owners, slots)))
     specs = {s.key: (torch.float32, (4,)) for s in slots} | {"t5": (torch.float64, (4,))}
     run = list(plan.buckets)
-    _, raw = NodeImageRoute(None, ImageLayout.of(plan, specs))._spans(run, crossing=True)
+    _, raw = NodeImageRoute(None, ImageLayout.of(plan, specs))._spans(run, True, me=0)
     assert raw == [i == 5 for i in range(len(run))]
     assert NodeImageRoute._rounds(run, raw) == [[0, 1, 2, 3], [4], [5], [6, 7, 8], [9, 10]]
 

@@ -53,7 +53,7 @@ class ImageLayout:
     def _slot_range(self, slot: Slot) -> tuple[int, int] | None:
         """The image bytes of the slot's box, when the box is contiguous in its tensor."""
         key = slot.key
-        if slot.shape == self.shape[key]:  # the whole tensor (a box inside it, as big)
+        if slot.shape == self.shape[key] and not any(slot.at):  # the whole tensor
             return self.offset[key], self.end[key]
         start = contiguous_start(slot.extent, self.shape[key])
         if start is None:

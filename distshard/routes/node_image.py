@@ -48,7 +48,7 @@ class NodeImageRoute:
         me, topo = ctx.rank, ctx.topology
         crossing = topo.num_nodes > 1 and not ctx.node_local
         mine = [j for j, bucket in enumerate(run) if bucket.owner == me]
-        spans, raw = self._spans(run, crossing)
+        spans, crosses_raw = self._spans(run, crossing, me)
         ready = {j: threading.Event() for j in mine}
         as_read: dict[int, torch.Tensor] = {}  # read, not yet sent: buckets that cross as read
         gates: dict[int, threading.Semaphore] = {}  # per reader: one such bucket at a time
@@ -58,7 +58,7 @@ class NodeImageRoute:
         def read_one(reader: ShardReader, j: int) -> None:
             if stop.is_set():
                 return
-            keep = raw[j]
+            keep = crosses_raw[j]
             if keep:
                 room[j] = gates.setdefault(id(reader), threading.Semaphore(1))
                 room[j].acquire()  # released once its previous such bucket has been sent
@@ -75,15 +75,16 @@ class NodeImageRoute:
         join = ctx.start_readers(mine, read)
         try:
             if crossing:
-                join = self._prefault_receipts(ctx, run, spans, raw, stop, join)
-            for group in self._rounds(run, raw) if crossing else [[j] for j in range(len(run))]:
+                join = self._prefault_receipts(ctx, run, spans, crosses_raw, stop, join)
+            rounds = self._rounds(run, crosses_raw) if crossing else [[j] for j in range(len(run))]
+            for group in rounds:
                 for j in group:
                     if run[j].owner == me:
                         ready[j].wait()  # sent in plan order, whichever thread read it
                     else:
                         ctx.bytes_received += run[j].nbytes
                 if crossing:
-                    self._cross_nodes(ctx, group, run, spans, raw, as_read)
+                    self._cross_nodes(ctx, group, run, spans, crosses_raw, as_read)
                     for j in group:
                         if j in room:
                             room[j].release()
@@ -119,23 +120,25 @@ class NodeImageRoute:
         for s in bucket.slots:
             self.layout.slot_view(self.image.data, s).copy_(slot_tensor(staged, s))
 
-    def _spans(self, run: list[Bucket], crossing: bool
+    def _spans(self, run: list[Bucket], crossing: bool, me: int
                ) -> tuple[list[tuple[int, int] | None], list[bool]]:
         """Each bucket's run of image bytes (:meth:`ImageLayout.run`: None where it is not one
-        run), and whether it crosses nodes as read (False where nothing crosses): where it is
+        run; where nothing crosses nodes, only of this rank's own buckets, the only ones it
+        maps), and whether it crosses nodes as read (False where nothing crosses): where it is
         not one run of the image (boxes of fused tensors), or is smaller as read than converted
         (its dtypes widen). The same on every rank; each a pass over the bucket's slots, made
-        once per load."""
-        spans = [self.layout.run(bucket) for bucket in run]
+        once per move rather than by each step that needs it."""
         if not crossing:
-            return spans, [False] * len(run)
+            return ([self.layout.run(b) if b.owner == me else None for b in run],
+                    [False] * len(run))
+        spans = [self.layout.run(bucket) for bucket in run]
         dtype = self.layout.dtype
         return spans, [span is None or (any(s.dtype != dtype[s.key] for s in bucket.slots)
                                         and bucket.nbytes < span[1] - span[0])
                        for bucket, span in zip(run, spans)]
 
     def _prefault_receipts(self, ctx: Context, run: list[Bucket],
-                           spans: list[tuple[int, int] | None], raw: list[bool],
+                           spans: list[tuple[int, int] | None], crosses_raw: list[bool],
                            stop: threading.Event,
                            join: Callable[[], None]) -> Callable[[], None]:
         """Allocate the image's pages for what this rank will receive, in plan order, on a
@@ -144,7 +147,7 @@ class NodeImageRoute:
         Returns ``join`` that waits for this thread too."""
         topo, me = ctx.topology, ctx.rank
         ranges = [spans[j] for j, bucket in enumerate(run)
-                  if not raw[j] and _receives(topo, j, bucket, me)]
+                  if not crosses_raw[j] and _receives(topo, j, bucket, me)]
 
         done = threading.Event()  # the exchange is over: what is left has been received
 
@@ -178,7 +181,7 @@ class NodeImageRoute:
                 self.image.forget(*span)
 
     @staticmethod
-    def _rounds(run: list[Bucket], raw: list[bool]) -> list[list[int]]:
+    def _rounds(run: list[Bucket], crosses_raw: list[bool]) -> list[list[int]]:
         """The buckets in plan order, in rounds that cross nodes at once: consecutive buckets of
         distinct owners (the plan deals buckets to owners in turn, and the owners read the
         buckets of one round at the same time: were they sent one after another, the sends of
@@ -188,7 +191,7 @@ class NodeImageRoute:
         owners: set[int] = set()
         last_alone = False
         for j, bucket in enumerate(run):
-            alone = raw[j]
+            alone = crosses_raw[j]
             if not rounds or alone or last_alone or bucket.owner in owners:
                 rounds.append([])
                 owners = set()
@@ -198,7 +201,7 @@ class NodeImageRoute:
         return rounds
 
     def _cross_nodes(self, ctx: Context, group: list[int], run: list[Bucket],
-                     spans: list[tuple[int, int] | None], raw: list[bool],
+                     spans: list[tuple[int, int] | None], crosses_raw: list[bool],
                      as_read: dict[int, torch.Tensor]) -> None:
         """Each bucket of ``group`` goes from its reader to one rank of every other node
         (:func:`_receiver`), all of them at once: its bytes in the image, or as read
@@ -209,10 +212,10 @@ class NodeImageRoute:
         for j in group:
             bucket = run[j]
             kept = as_read.pop(j, None)
-            if raw[j] and (me != bucket.owner or kept is None):
+            if crosses_raw[j] and (me != bucket.owner or kept is None):
                 view = ctx.buffers.get("cross", bucket.nbytes)
             else:
-                view = kept if raw[j] else self.image.data[spans[j][0]:spans[j][1]]
+                view = kept if crosses_raw[j] else self.image.data[spans[j][0]:spans[j][1]]
             for node in range(topo.num_nodes):
                 if node == topo.node_of[bucket.owner]:
                     continue
@@ -221,7 +224,7 @@ class NodeImageRoute:
                     sends.append((view, receiver))
                 elif me == receiver:
                     recvs.append((view, bucket.owner))
-                    if raw[j]:
+                    if crosses_raw[j]:
                         staged.append((bucket, view))
         ctx.comm.exchange(sends, recvs)
         for bucket, view in staged:
