@@ -118,6 +118,26 @@ def test_fsdp2_ranks_receive_exactly_their_shards(checkpoints, world_size):
                 assert 0 < received <= local < total, case
 
 
+def _fsdp2_in_float64(rank: int, world_size: int, path: str) -> tuple[int, set]:
+    mesh = init_device_mesh("cpu", (world_size,))
+    model = empty_model("llama")
+    shard_fsdp(model, mesh)
+    distshard.load(model, path, bucket_size=SMALL_BUCKET, dtype=torch.float64)
+    want = dict(reference("llama", path).named_parameters(remove_duplicate=False))
+    sharded = [(n, p) for n, p in model.named_parameters(remove_duplicate=False)
+               if isinstance(p, DTensor)]
+    for name, p in sharded:
+        assert p.dtype == p.to_local().dtype == torch.float64, name
+        assert torch.equal(p.full_tensor(), want[name].double()), name
+    return len(sharded), {p._spec.tensor_meta.dtype for _, p in sharded}
+
+
+def test_fsdp2_loads_in_the_dtype_asked_for(checkpoints):
+    """The loaded DTensors are of that dtype through and through (their spec too)."""
+    for n, dtypes in run_ranks(_fsdp2_in_float64, 2, checkpoints["llama"], timeout=DEADLINE):
+        assert n > 0 and dtypes == {torch.float64}
+
+
 def _tensor_parallel(rank: int, world_size: int, path: str) -> int:
     mesh = init_device_mesh("cpu", (world_size,))
     model = empty_model("llama")
