@@ -370,9 +370,11 @@ def payload_layout(bucket: Bucket, boxes: Mapping[str, Box]) -> tuple[tuple[Piec
     (((4, 0), (2, 2)), 16, 16)
     """
     pieces, end = [], 0
+    met: dict[tuple[Box, Box], Box] = {}  # (extent, box) -> common part: experts repeat them
     for slot in bucket.slots:
         if boxes and slot.key in boxes:
-            box = intersect(slot.extent, boxes[slot.key])
+            pair = (slot.extent, boxes[slot.key])
+            box = met.get(pair) or met.setdefault(pair, intersect(*pair))
         else:
             box = (slot.at or (0,) * len(slot.shape), slot.shape)  # slot.extent
         numel = 1
