@@ -19,17 +19,29 @@ def intersect(a: Box, b: Box) -> Box:
     return lo, tuple(max(0, h - low) for low, h in zip(lo, hi))
 
 
-def tiles(boxes, shape: tuple[int, ...]) -> bool:
+def tiles(boxes, shape: tuple[int, ...], checked: dict | None = None) -> bool:
     """Whether the distinct non-empty ``boxes`` (one per rank; equal ones are copies) cut
     ``shape`` into parts: each inside it, along every dimension either the same stretch or
     stretches that do not meet (as Shard placements cut a tensor; so no two boxes overlap), and
-    together as large as the tensor.
+    together as large as the tensor. ``checked``: the answers so far, by boxes and shape, kept
+    there (the tensors of a model repeat a few).
 
     >>> tiles([((0, 0), (2, 3)), ((2, 0), (2, 3)), ((2, 0), (2, 3))], (4, 3))
     True
     >>> tiles([((0,), (4,)), ((1,), (4,))], (8,))  # interleaved rows reported as boxes
     False
+    >>> checked = {}
+    >>> [tiles(b, (8,), checked) for b in [[((0,), (4,)), ((4,), (4,))], [((0,), (4,))]] * 2]
+    [True, False, True, False]
+    >>> len(checked)
+    2
     """
+    if checked is not None:
+        key = (tuple(boxes), shape)
+        known = checked.get(key)
+        if known is None:
+            known = checked[key] = tiles(boxes, shape)
+        return known
     distinct = {box for box in boxes if all(n > 0 for n in box[1])}
     if any(o < 0 or o + n > s for off, shp in distinct for o, n, s in zip(off, shp, shape)):
         return False

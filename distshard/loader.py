@@ -307,14 +307,10 @@ def _distribute(targets: ModelTargets, rules, outcome: _Outcome, dests, comm: Co
     reader = None
     try:
         boxes = comm.all_gather_object(targets.boxes()) if targets.has_dtensors else None
-        checked: dict[tuple, bool] = {}  # (every rank's box, shape): whether they tile it
+        checked: dict = {}
         for key in boxes[0] if boxes else ():  # the same gathered boxes, the same answer everywhere
             shape = tuple(targets.by_name[key].tensor.shape)
-            held = (tuple(b[key] for b in boxes), shape)
-            ok = checked.get(held)
-            if ok is None:
-                ok = checked[held] = tiles(*held)
-            if not ok:
+            if not tiles(tuple(b[key] for b in boxes), shape, checked):
                 raise DistShardError("distshard: " + untiled(key, shape), key=key)
         reader = ShardReader(outcome.root, outcome.plan, on_read=progress.advance,
                              convert=converter(rules or functools.partial(

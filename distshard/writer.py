@@ -166,7 +166,8 @@ def _plan(model: torch.nn.Module, directory: str, limit: int, comm: Comm,
         text = "\n".join(f"{k}:{t.dtype}:{list(t.shape)}:{isinstance(t, DTensor)}"
                          for k, t in tensors.items())
         signature = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1
-        boxes = {k: box_of(t, k) for k, t in tensors.items() if isinstance(t, DTensor)}
+        known: dict = {}  # (one computation per shape, mesh and placements)
+        boxes = {k: box_of(t, k, known) for k, t in tensors.items() if isinstance(t, DTensor)}
     except Exception as e:
         failure = failure_of(e, comm.rank, "validate")
     rows = comm.agree(failure, [signature, int(bool(boxes))])
@@ -236,8 +237,9 @@ def _make_plan(model: torch.nn.Module, tensors: dict[str, torch.Tensor],
                all_boxes: list[dict] | None, limit: int, world_size: int,
                layout: str) -> SavePlan:
     sharded = set(all_boxes[0]) if all_boxes else set()
+    checked: dict = {}
     for key in sharded:
-        _check_boxes(key, tuple(tensors[key].shape), [b.get(key) for b in all_boxes])
+        _check_boxes(key, tuple(tensors[key].shape), [b.get(key) for b in all_boxes], checked)
     saved = hub_layout(model if layout == "hub" else None, tensors)
     layouts = plan_shards(((s.key, s.dtype, s.shape) for s in saved), limit)
     writers = assign_writers([s.size for s in layouts], world_size)
@@ -255,13 +257,14 @@ def _make_plan(model: torch.nn.Module, tensors: dict[str, torch.Tensor],
     return SavePlan(tuple(layouts), tuple(writers), by_key, pieces, new_token())
 
 
-def _check_boxes(key: str, shape: tuple[int, ...], boxes: list) -> None:
-    """Every rank holds a box of DTensor ``key``, and the distinct boxes cover it exactly."""
+def _check_boxes(key: str, shape: tuple[int, ...], boxes: list, checked: dict) -> None:
+    """Every rank holds a box of DTensor ``key``, and the distinct boxes cover it exactly
+    (``checked``: see :func:`~distshard.boxes.tiles`)."""
     for rank, box in enumerate(boxes):
         if box is None:
             raise DistShardError(f"key {key!r} is a DTensor on rank 0 but not on rank {rank}",
                                  key=key)
-    if not tiles(list({b for b in boxes if nbytes_of(torch.uint8, b[1])}), shape):
+    if not tiles(tuple(b for b in boxes if nbytes_of(torch.uint8, b[1])), shape, checked):
         raise DistShardError(untiled(key, shape), key=key)
 
 
