@@ -22,6 +22,7 @@ import contextlib
 import copy
 import functools
 from collections.abc import Mapping
+from operator import itemgetter
 from typing import Any
 
 import torch
@@ -306,6 +307,8 @@ def _listed_modules(model: torch.nn.Module, modules: list, *args, **kwargs):
     module once (the first time it is listed: where torch's walk meets it first)."""
     if args or kwargs:
         return torch.nn.Module.named_modules(model, *args, **kwargs)
+    if len(set(map(id, map(itemgetter(1), modules)))) == len(modules):  # none listed twice
+        return iter(modules)
     seen: set[int] = set()
     return iter([(name, m) for name, m in modules if id(m) not in seen and not seen.add(id(m))])
 

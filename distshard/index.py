@@ -10,6 +10,7 @@ parser accepts exactly the files ``safe_open`` accepts.
 from __future__ import annotations
 
 import json
+import math
 import os
 import stat
 import struct
@@ -69,10 +70,7 @@ class TensorInfo:
 
     @property
     def nbytes(self) -> int:
-        numel = 1
-        for size in self.shape:
-            numel *= size
-        return numel * self.dtype.itemsize
+        return math.prod(self.shape) * self.dtype.itemsize
 
 
 @dataclass(frozen=True, slots=True)

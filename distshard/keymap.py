@@ -26,6 +26,7 @@ symbolically, as parts, so that rules (transformers' conversion objects, a user'
 
 from __future__ import annotations
 
+import math
 import re
 import sys
 from collections.abc import Iterable, Mapping, Sequence
@@ -80,10 +81,7 @@ def region(box: Box, origin: Sequence[int] | None = None) -> tuple[slice, ...]:
 
 
 def volume(shape: Sequence[int]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
+    return math.prod(shape)
 
 
 def contiguous_start(box: Box, shape: Sequence[int]) -> int | None:
