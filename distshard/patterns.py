@@ -42,6 +42,8 @@ def could_match(transforms: Sequence) -> Callable[[str], bool]:
 
     if all(digit_blind(p) for p in patterns):  # one search per shape of key
         found = by_digit_shape(found)
+    if not scopes:
+        return found
 
     def test(key: str) -> bool:
         if found(key):
