@@ -83,6 +83,29 @@ def _dtensor_like(old: DTensor, local: torch.Tensor) -> DTensor:
                               shape=old.shape, stride=old.stride())
 
 
+def _as_parameter(made: DTensor, requires_grad: bool, marks: list[bool]) -> torch.Tensor:
+    """``torch.nn.Parameter(made, requires_grad)`` for a DTensor just made (a leaf of no
+    autograd graph). torch makes a tensor subclass a parameter by detaching it and marking the
+    result (``_is_param``); the detach, a DTensor operation of about 25 us, changes nothing
+    for such a tensor, so it is marked in place. ``marks`` (one list per load) holds whether
+    that gives what torch's own gives, compared on the first DTensor parameter of the load
+    (where a torch version does more, every one is made by torch)."""
+    if not marks:
+        theirs = torch.nn.Parameter(DTensor(made._local_tensor, made._spec, requires_grad=False),
+                                    requires_grad=requires_grad)
+        made.requires_grad_(requires_grad)
+        made._is_param = True
+        marks.append(type(made) is type(theirs) and vars(made) == vars(theirs)
+                     and made.requires_grad == theirs.requires_grad and made.is_leaf
+                     and theirs.is_leaf and isinstance(made, torch.nn.Parameter))
+        return made if marks[0] else theirs
+    if not marks[0] or made.grad_fn is not None:
+        return torch.nn.Parameter(made, requires_grad=requires_grad)
+    made.requires_grad_(requires_grad)
+    made._is_param = True
+    return made
+
+
 def _whole_on_cpu(t: _Target) -> bool:
     tensor = t.tensor
     if isinstance(tensor, DTensor):
@@ -291,7 +314,7 @@ class ModelTargets:
                 target.tensor = moved
 
     def _commit(self, dests: dict[str, torch.Tensor]) -> None:
-        parameter = torch.nn.Parameter
+        parameter, marks = torch.nn.Parameter, []
         for target in self._groups.values():
             names = target.names
             key = names[0] if names[0] in dests else next((n for n in names if n in dests), None)
@@ -307,7 +330,9 @@ class ModelTargets:
                 continue
             if target.is_dtensor:
                 value = _dtensor_like(old, value)
-            new = parameter(value, requires_grad=old.requires_grad) if target.is_param else value
+                new = _as_parameter(value, old.requires_grad, marks) if target.is_param else value
+            else:
+                new = parameter(value, requires_grad=old.requires_grad) if target.is_param else value
             for module, attr in target.refs:
                 (module._parameters if target.is_param else module._buffers)[attr] = new
             target.tensor = new

@@ -138,6 +138,42 @@ def test_fsdp2_loads_in_the_dtype_asked_for(checkpoints):
         assert n > 0 and dtypes == {torch.float64}
 
 
+def _fsdp2_parameters(rank: int, world_size: int, path: str) -> list[str]:
+    mesh = init_device_mesh("cpu", (world_size,))
+    model = empty_model("llama").train()
+    frozen = model.model.embed_tokens.weight
+    frozen.requires_grad_(False)
+    shard_fsdp(model, mesh)
+    trainable = {n: p.requires_grad for n, p in model.named_parameters()}
+    distshard.load(model, path, bucket_size=SMALL_BUCKET)
+    bad = []
+    for name, p in model.named_parameters():
+        if not (isinstance(p, DTensor) and isinstance(p, torch.nn.Parameter) and p.is_leaf
+                and p.requires_grad == trainable[name]):
+            bad.append(f"{name}: {type(p).__name__}, leaf {p.is_leaf}, grad {p.requires_grad}")
+        # what torch's own Parameter makes of the same DTensor
+        theirs = torch.nn.Parameter(DTensor(p._local_tensor, p._spec, requires_grad=False),
+                                    requires_grad=trainable[name])
+        if vars(p) != vars(theirs):
+            bad.append(f"{name}: {vars(p)} != {vars(theirs)}")
+    model(sample_input()).logits.sum().backward()  # FSDP2 trains what was loaded
+    for name, p in model.named_parameters():
+        if (p.grad is None) == trainable[name]:
+            bad.append(f"{name}: grad {None if p.grad is None else 'set'}")
+    before = {n: p.full_tensor().clone() for n, p in model.named_parameters()}
+    torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1).step()
+    for name, p in model.named_parameters():
+        if torch.equal(p.full_tensor(), before[name]) == trainable[name]:
+            bad.append(f"{name}: {'unchanged' if trainable[name] else 'changed'} by a step")
+    return bad
+
+
+def test_fsdp2_parameters_are_torch_parameters_that_train(checkpoints):
+    """The DTensor parameters a load makes are what ``torch.nn.Parameter`` makes (leaves, as
+    trainable as before, marked alike), FSDP2 computes their gradients, and a step moves them."""
+    assert run_ranks(_fsdp2_parameters, 2, checkpoints["llama"], timeout=DEADLINE) == [[], []]
+
+
 def _tensor_parallel(rank: int, world_size: int, path: str) -> int:
     mesh = init_device_mesh("cpu", (world_size,))
     model = empty_model("llama")
