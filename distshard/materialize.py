@@ -115,8 +115,8 @@ def _whole_on_cpu(t: _Target) -> bool:
 
 def _is_meta(t: torch.Tensor) -> bool:
     if isinstance(t, DTensor):
-        return t.device.type == "meta"
-    return t.is_meta  # the same, without making a device object
+        return t._local_tensor.is_meta  # (its device is its local tensor's: no device object)
+    return t.is_meta
 
 
 def _ties_known(model: torch.nn.Module) -> bool:

@@ -5,10 +5,12 @@ serves each byte once. Not collective: a rank's own reads run after the collecti
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ..keymap import contiguous_start
-from ..plan import LoadPlan, Piece
+from ..plan import Box, LoadPlan, Piece
 from ..reader import ShardReader
 from .shared import Context, Step
 
@@ -44,8 +46,12 @@ def start_in_slot(p: Piece) -> int | None:
     (then it is a byte range of the file); None otherwise."""
     if p.nbytes == 0:
         return 0
-    at = p.slot.extent[0]
-    return contiguous_start((tuple(o - a for o, a in zip(p.box[0], at)), p.box[1]), p.slot.shape)
+    return _start(p.box, p.slot.extent[0], p.slot.shape)
+
+
+@functools.lru_cache(maxsize=4096)  # (the pieces of a model's many tensors repeat a few boxes)
+def _start(box: Box, at: tuple[int, ...], shape: tuple[int, ...]) -> int | None:
+    return contiguous_start((tuple(o - a for o, a in zip(box[0], at)), box[1]), shape)
 
 
 def _read_own(ctx: Context, reader: ShardReader, file: str, pieces: tuple[Piece, ...]) -> None:
