@@ -90,19 +90,18 @@ def _as_parameter(made: DTensor, requires_grad: bool, marks: list[bool]) -> torc
     for such a tensor, so it is marked in place. ``marks`` (one list per load) holds whether
     that gives what torch's own gives, compared on the first DTensor parameter of the load
     (where a torch version does more, every one is made by torch)."""
-    if not marks:
-        theirs = torch.nn.Parameter(DTensor(made._local_tensor, made._spec, requires_grad=False),
-                                    requires_grad=requires_grad)
-        made.requires_grad_(requires_grad)
-        made._is_param = True
+    if made.grad_fn is not None or (marks and not marks[0]):
+        return torch.nn.Parameter(made, requires_grad=requires_grad)
+    theirs = None if marks else torch.nn.Parameter(
+        DTensor(made._local_tensor, made._spec, requires_grad=False), requires_grad=requires_grad)
+    made.requires_grad_(requires_grad)
+    made._is_param = True
+    if theirs is not None:
         marks.append(type(made) is type(theirs) and vars(made) == vars(theirs)
                      and made.requires_grad == theirs.requires_grad and made.is_leaf
                      and theirs.is_leaf and isinstance(made, torch.nn.Parameter))
-        return made if marks[0] else theirs
-    if not marks[0] or made.grad_fn is not None:
-        return torch.nn.Parameter(made, requires_grad=requires_grad)
-    made.requires_grad_(requires_grad)
-    made._is_param = True
+        if not marks[0]:
+            return theirs
     return made
 
 
@@ -330,9 +329,12 @@ class ModelTargets:
                 continue
             if target.is_dtensor:
                 value = _dtensor_like(old, value)
-                new = _as_parameter(value, old.requires_grad, marks) if target.is_param else value
+            if not target.is_param:
+                new = value
+            elif target.is_dtensor:
+                new = _as_parameter(value, old.requires_grad, marks)
             else:
-                new = parameter(value, requires_grad=old.requires_grad) if target.is_param else value
+                new = parameter(value, requires_grad=old.requires_grad)
             for module, attr in target.refs:
                 (module._parameters if target.is_param else module._buffers)[attr] = new
             target.tensor = new

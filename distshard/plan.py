@@ -290,7 +290,7 @@ def _pack(f: FileInfo, bucket_size: int, parts: Mapping[str, Sequence[Part]] | N
                              bucket_size)
                 buckets.extend(Bucket(0, f.name, s.nbytes, (s,)) for s in runs)
                 continue
-            offset = (end + ALIGN - 1) // ALIGN * ALIGN  # align(end), inline (once per slot)
+            offset = align(end)
             if open_slots and offset + nbytes > bucket_size:
                 buckets.append(Bucket(0, f.name, end, tuple(open_slots)))
                 open_slots, offset = [], 0

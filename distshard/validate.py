@@ -85,11 +85,8 @@ def match_checkpoint(
     the strict error)."""
     by_name = {f.name: f for f in files}
     where = _locate_keys(files, weight_map)
-    if len(where) == sum(len(f.tensors) for f in files):  # every key of the headers, in order
-        checkpoint = {k: (t.shape, t.dtype) for f in files for k, t in f.tensors.items()}
-    else:
-        checkpoint = {k: (by_name[f].tensors[k].shape, by_name[f].tensors[k].dtype)
-                      for k, f in where.items()}
+    checkpoint = {k: (t.shape, t.dtype)
+                  for k, f in where.items() for t in (by_name[f].tensors[k],)}
     model = {n: (t.shape, t.dtype) for t in targets for n in t.names}
     try:
         keymap = (rules or RegexRules()).map(checkpoint, model)
@@ -119,12 +116,6 @@ def match_checkpoint(
             tied_copies.append(tuple(present))
         got = keymap_parts.get(name)
         if got is not None:
-            p = got[0]
-            if len(got) == 1 and p.source not in parts and p.box is p.source_box and \
-                    p.box[1] == target.shape and (checkpoint[p.source][1], target.dtype) in _FINE:
-                parts[p.source] = got  # (most keys: one whole tensor, which passes _check_parts)
-                loaded.extend(present)
-                continue
             _check_parts(name, got, target, checkpoint, where)
             for p in got:
                 parts[p.source] = parts.get(p.source, ()) + (p,)
