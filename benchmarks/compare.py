@@ -63,6 +63,7 @@ from harness import (  # noqa: E402
     measure,
     median_run,
     sample_checkpoint,
+    start_note,
 )
 
 LOADERS = ["distshard", "transformers", "accelerate", "rank0-bcast", "dcp"]
@@ -342,6 +343,8 @@ def main() -> int:
     rows = []
     limits = {n: bounds(ckpt, n) for n in args.ranks}
     print(f"checkpoint {ckpt}: {size / 1e9:.2f} GB, {tensors} tensors")
+    if start_note():
+        print(start_note())
     for n, b in limits.items():
         print(f"bounds with {n} ranks: cold read {b['disk'] / 1e9:.2f} GB/s (checkpoint in "
               f"{size / b['disk']:.2f} s), memcpy {b['memcpy'] / 1e9:.2f} GB/s, gloo broadcast "
@@ -370,8 +373,8 @@ def main() -> int:
         chart(rows, args.chart, f"S1, one node: {size / 1e9:.2f} GB checkpoint, cold")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(checkpoint_bytes=size, tensors=tensors, bounds=limits, rows=rows), f,
-                      indent=1)
+            json.dump(dict(checkpoint_bytes=size, tensors=tensors, bounds=limits, rows=rows,
+                           start_method=START_METHOD), f, indent=1)
     return 0
 
 

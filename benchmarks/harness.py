@@ -76,8 +76,18 @@ def evict(folder: str) -> None:
 
 # Measured ranks start as new interpreters, as torchrun starts them (distshard.testing's default
 # forks them from a server that has imported torch: faster to start, but the ranks would share
-# its pages, copy-on-write, during the timed load).
-START_METHOD = "spawn"
+# its pages, copy-on-write, during the timed load). The tests, which check that the harness runs
+# and that the loaders agree but never read a time, ask for the fork server
+# (DISTSHARD_BENCH_START_METHOD=forkserver); the output then says that its times are not figures.
+START_METHOD = os.environ.get("DISTSHARD_BENCH_START_METHOD", "spawn")
+
+
+def start_note() -> str | None:
+    """The line a run prints when its ranks do not start as new interpreters."""
+    if START_METHOD == "spawn":
+        return None
+    return (f"ranks start by {START_METHOD} (DISTSHARD_BENCH_START_METHOD): the times below are "
+            "not figures; only runs that start ranks by spawn are")
 
 HEADER = (f"{'scenario':<9} {'mode':<10} {'ranks':>5} {'loader':<13} {'time s':>7} "
           f"{'x fastest peer':>14} {'x bound':>7} {'peak MB/rank':>12} {'disk MB':>8} "
