@@ -20,6 +20,7 @@ import torch
 
 from .errors import DistShardError
 from .index import SAFE_INDEX, SAFE_SINGLE, SAFETENSORS_DTYPES
+from .record import per_tensor
 
 __all__ = [
     "COPY_CHUNK",
@@ -74,7 +75,7 @@ def parse_size(size: int | str) -> int:
     return value
 
 
-@dataclass(frozen=True, slots=True)
+@per_tensor
 class TensorLayout:
     """Where one tensor lies in its output file: ``begin`` counts from the start of the file."""
 

@@ -198,11 +198,12 @@ def tensors_to_save(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     for name, value in state.items():
         if isinstance(value, torch.Tensor) and name not in ignored:
             names_of.setdefault(id(value), []).append(name)
-    copies = _tied_copies(model)
-    kept = set()
+    kept, copies = set(), None
     for names in names_of.values():
-        originals = [n for n in names if not any(_matches(p, n) for p in copies)]
-        kept.add((originals or names)[0])
+        if len(names) > 1:  # (a tensor of one name keeps it: no pattern asked)
+            copies = _tied_copies(model) if copies is None else copies
+            names = [n for n in names if not any(_matches(p, n) for p in copies)] or names
+        kept.add(names[0])
     out = {name: value for name, value in state.items() if name in kept}
     meta = [name for name, value in out.items() if value.device.type == "meta"]
     if meta:

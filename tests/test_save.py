@@ -405,3 +405,28 @@ def test_a_save_failing_while_staging_its_config_leaves_the_earlier_checkpoint(t
     distshard.load(model, tmp_path)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
                                                  earlier.state_dict().values()))
+
+
+def test_the_hub_layout_asks_transformers_to_revert_only_where_a_key_may_change(monkeypatch):
+    # transformers' revert_weight_conversion makes a transform per key (slow for a model of
+    # many tensors): where no reverse pattern is in any key its answer is known (every key as
+    # it is) and it is not asked; where one is, its answer is the layout
+    import transformers.core_model_loading as core
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    from distshard.savelayout import hub_layout
+
+    revert, calls = core.revert_weight_conversion, []
+    monkeypatch.setattr(core, "revert_weight_conversion",
+                        lambda *a: calls.append(1) or revert(*a))
+    small = {"num_hidden_layers": 2, "hidden_size": 32, "intermediate_size": 48,
+             "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 96}
+    for model, asked in ((LlamaForCausalLM(LlamaConfig(**small)), False),
+                         (MixtralForCausalLM(MixtralConfig(**small, num_local_experts=3)), True)):
+        tensors = dict(model.state_dict())
+        calls.clear()
+        layout = {s.key: s.shape for s in hub_layout(model, tensors)}
+        assert bool(calls) == asked, type(model).__name__
+        want = revert(model, {k: torch.empty(t.shape, device="meta") for k, t in tensors.items()})
+        assert layout == {k: tuple(t.shape) for k, t in want.items()}, type(model).__name__
+        assert asked == (layout.keys() != tensors.keys())  # the experts, one tensor each
