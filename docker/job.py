@@ -63,8 +63,9 @@ def main() -> NoReturn:
     sharded = first_difference(from_pretrained(AutoModelForCausalLM, ckpt, device_mesh=mesh),
                                reference)
     ok = replicated is None and sharded is None
-    if rank == 0:
-        print(report.summary(), flush=True)
+    if rank == 0:  # (one write per line, as below)
+        sys.stdout.write(report.summary() + "\n")
+        sys.stdout.flush()
     line = (f"distshard-job rank={rank} world={world} node={os.environ.get('GROUP_RANK')} "
           f"local_rank={os.environ.get('LOCAL_RANK')} nodes={nodes} "
           f"tensors={len(report.loaded_keys)} bytes_read={report.bytes_read} "
