@@ -26,6 +26,7 @@ symbolically, as parts, so that rules (transformers' conversion objects, a user'
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import sys
@@ -61,12 +62,18 @@ Box = tuple[tuple[int, ...], tuple[int, ...]]
 
 
 def whole(shape: Sequence[int]) -> Box:
-    """The box of all of a tensor of ``shape``.
+    """The box of all of a tensor of ``shape``: one object per distinct shape (a model's many
+    tensors share a few shapes; a plan or a save plan then pickles each box once).
 
     >>> whole((2, 3))
     ((0, 0), (2, 3))
     """
-    return (0,) * len(shape), tuple(shape)
+    return _whole(tuple(shape))
+
+
+@functools.lru_cache(maxsize=4096)
+def _whole(shape: tuple[int, ...]) -> Box:
+    return (0,) * len(shape), shape
 
 
 def region(box: Box, origin: Sequence[int] | None = None) -> tuple[slice, ...]:

@@ -175,7 +175,6 @@ class ModelTargets:
     def _group(self, modules: list[tuple[str, torch.nn.Module]]) -> None:
         groups: dict[int, _Target] = {}
         extra: dict[int, _Target] = {}
-        wholes: dict[torch.Size, Box] = {}  # a plain tensor's box, one per distinct shape
         shards: dict[tuple, Box] = {}  # a DTensor's, one per shape, mesh and placements
         intern = sys.intern
         has_dtensors = False
@@ -200,10 +199,7 @@ class ModelTargets:
                         box = box_of(t, full, shards)
                         has_dtensors = has_dtensors or table is groups
                     else:
-                        shape = t.shape
-                        box = wholes.get(shape)
-                        if box is None:
-                            box = wholes[shape] = whole(shape)
+                        box = whole(t.shape)
                     table[id(t)] = _Target([full], t, is_param, box, [(module, name)])
         self._groups, self._extra_buffers = groups, extra
         self.has_dtensors = has_dtensors

@@ -65,12 +65,8 @@ class SavePiece:
 
 def hub_layout(model: torch.nn.Module, tensors: Mapping[str, torch.Tensor]) -> list[Saved]:
     """The tensors to save for ``tensors`` (the model's, by name), in order."""
-    wholes: dict[tuple[int, ...], Box] = {}  # one box per distinct shape (pickled once)
-    identity = []
-    for k, t in tensors.items():
-        shape = tuple(t.shape)
-        box = wholes.get(shape) or wholes.setdefault(shape, whole(shape))
-        identity.append(Saved(k, t.dtype, box[1], (Source(k, box, box),)))
+    identity = [Saved(k, t.dtype, box[1], (Source(k, box, box),))
+                for k, t in tensors.items() for box in (whole(t.shape),)]
     if not is_transformers_model(model):
         return identity
     from transformers.core_model_loading import revert_weight_conversion
