@@ -63,7 +63,7 @@ from harness import (  # noqa: E402
     measure,
     median_run,
     sample_checkpoint,
-    start_note,
+    say_start_method,
 )
 
 LOADERS = ["distshard", "transformers", "accelerate", "rank0-bcast", "dcp"]
@@ -343,8 +343,7 @@ def main() -> int:
     rows = []
     limits = {n: bounds(ckpt, n) for n in args.ranks}
     print(f"checkpoint {ckpt}: {size / 1e9:.2f} GB, {tensors} tensors")
-    if start_note():
-        print(start_note())
+    say_start_method()
     for n, b in limits.items():
         print(f"bounds with {n} ranks: cold read {b['disk'] / 1e9:.2f} GB/s (checkpoint in "
               f"{size / b['disk']:.2f} s), memcpy {b['memcpy'] / 1e9:.2f} GB/s, gloo broadcast "

@@ -82,12 +82,11 @@ def evict(folder: str) -> None:
 START_METHOD = os.environ.get("DISTSHARD_BENCH_START_METHOD", "spawn")
 
 
-def start_note() -> str | None:
-    """The line a run prints when its ranks do not start as new interpreters."""
-    if START_METHOD == "spawn":
-        return None
-    return (f"ranks start by {START_METHOD} (DISTSHARD_BENCH_START_METHOD): the times below are "
-            "not figures; only runs that start ranks by spawn are")
+def say_start_method() -> None:
+    """Print a line saying so when the ranks do not start as new interpreters."""
+    if START_METHOD != "spawn":
+        print(f"ranks start by {START_METHOD} (DISTSHARD_BENCH_START_METHOD): the times below "
+              "are not figures; only runs that start ranks by spawn are", flush=True)
 
 HEADER = (f"{'scenario':<9} {'mode':<10} {'ranks':>5} {'loader':<13} {'time s':>7} "
           f"{'x fastest peer':>14} {'x bound':>7} {'peak MB/rank':>12} {'disk MB':>8} "

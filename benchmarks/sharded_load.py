@@ -23,7 +23,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from harness import SIZES, START_METHOD, evict, sample_checkpoint, start_note  # noqa: E402
+from harness import SIZES, START_METHOD, evict, sample_checkpoint, say_start_method  # noqa: E402
 
 MODES = {"own": True, "sent": False}  # read_own_slices
 
@@ -69,8 +69,7 @@ def main() -> int:
 
     ckpt = sample_checkpoint(args.checkpoint, args.size)
     ok = True
-    if start_note():
-        print(start_note())
+    say_start_method()
     print(f"{'ranks':>5} {'mode':>4} {'rank':>4} {'ckpt MB':>8} {'local MB':>9} {'read MB':>8} "
           f"{'recv MB':>8} {'peak MB':>8} {'bound MB':>9} {'peak/share':>10}")
     times: dict[tuple[int, str], list[float]] = {}
