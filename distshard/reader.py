@@ -255,10 +255,10 @@ def _open_planned(root: str, f: PlannedFile) -> int:
 
 def map_files(root: str, plan: LoadPlan, buckets: list[Bucket]) -> dict[str, torch.Tensor]:
     """Every tensor of ``buckets`` (safetensors, in the checkpoint's dtype; each one run of one
-    checkpoint tensor: the plan's ``identity``) as a view of a copy-on-write mapping of its
-    file: the page cache's pages, shared by every process that maps the file, until this one
-    writes a page (then that page is its own). The views keep their
-    mapping alive. Rewriting the file in place (not by rename) while they live changes what they
+    checkpoint tensor: the plan's ``identity``) on a storage of its own, a slice of a
+    copy-on-write mapping of its file (see :class:`~distshard.byteviews.ByteViews`): the page
+    cache's pages, shared by every process that maps the file, until this one writes a page
+    (then that page is its own). The tensors keep their mapping alive. Rewriting the file in place (not by rename) while they live changes what they
     read, as with any mapped file."""
     whole: dict[str, Slot | list[Slot]] = {}  # key -> its slot, or its slots where several
     for bucket in buckets:
@@ -278,17 +278,10 @@ def map_files(root: str, plan: LoadPlan, buckets: list[Bucket]) -> dict[str, tor
         for slot in bucket.slots:
             if slot.key in out or any(slot.at):
                 continue
-            parts = whole[slot.key]
-            if type(parts) is not list and slot.begin % slot.dtype.itemsize == 0:
-                # the tensor is this one slot: one view of the file
-                out[slot.key] = mapped[bucket.file].at(slot.begin, slot.dtype, slot.shape)
-                continue
-            parts = parts if type(parts) is list else [parts]  # runs of one contiguous part,
-            shape = tuple(max(s.extent[0][d] + s.shape[d] for s in parts)  # from its first
-                          for d in range(len(slot.shape)))  # element on
-            nbytes = sum(s.nbytes for s in parts)
-            out[slot.key] = (mapped[bucket.file].data[slot.begin:slot.begin + nbytes]
-                             .view(slot.dtype).view(shape))
+            parts = whole[slot.key]  # its one slot, or runs of it from its first element on
+            shape = slot.shape if type(parts) is not list else tuple(
+                max(s.extent[0][d] + s.shape[d] for s in parts) for d in range(len(slot.shape)))
+            out[slot.key] = mapped[bucket.file].at(slot.begin, slot.dtype, shape)
     return out
 
 

@@ -9,6 +9,7 @@ different "nodes" then pass buckets point to point over gloo and share nothing t
 from __future__ import annotations
 
 import glob
+import io
 import logging
 import os
 
@@ -120,6 +121,9 @@ def _write_after_load(rank: int, world_size: int, path: str, map_checkpoint: boo
     touched = psutil.Process().memory_info()
     weight = model[0].weight
     first = weight.detach().clone()
+    saved = io.BytesIO()
+    torch.save(model[0].bias, saved)  # writes the bias's storage whole
+    own = [p.untyped_storage().nbytes() == p.nbytes for p in model.parameters()]
     torch.distributed.barrier()
     if rank == 0:
         with torch.no_grad():
@@ -134,11 +138,15 @@ def _write_after_load(rank: int, world_size: int, path: str, map_checkpoint: boo
                                                             reference[1:].parameters())),
                 private_growth=(touched.rss - touched.shared) - (before.rss - before.shared),
                 shared_growth=touched.shared - before.shared, shared_copy=report.shared_copy,
-                nbytes=sum(p.numel() * p.element_size() for p in model.parameters()))
+                nbytes=sum(p.numel() * p.element_size() for p in model.parameters()),
+                own_storage=all(own), saved=saved.tell(), bias_bytes=model[0].bias.nbytes)
 
 
 @pytest.mark.parametrize("map_checkpoint", [True, False], ids=["files", "shm"])
 def test_replicas_share_the_node_copy_until_a_rank_writes(tmp_path, map_checkpoint):
+    """...and each tensor is on a storage of its own (a slice of the node's copy), so that
+    ``torch.save`` of one tensor, or a splitter that groups tensors by storage, sees its bytes,
+    not the whole mapping."""
     import torch
 
     torch.manual_seed(0)
@@ -152,6 +160,8 @@ def test_replicas_share_the_node_copy_until_a_rank_writes(tmp_path, map_checkpoi
         # memory shared (a tenth of the model covers the interpreter's own growth)
         assert r["private_growth"] < r["nbytes"] / 10, results
         assert r["shared_growth"] >= r["nbytes"], results
+        assert r["own_storage"], results
+        assert r["saved"] < r["bias_bytes"] + 4096, results  # the bias, not the 33.6 MB file
 
 
 def _load_converted(rank: int, world_size: int, path: str, nodes: list[int]) -> bool:
