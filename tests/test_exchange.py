@@ -124,6 +124,11 @@ def _write_after_load(rank: int, world_size: int, path: str, map_checkpoint: boo
     saved = io.BytesIO()
     torch.save(model[0].bias, saved)  # writes the bias's storage whole
     own = [p.untyped_storage().nbytes() == p.nbytes for p in model.parameters()]
+    out = model[0](torch.ones(2, 1024, requires_grad=True)).sum()
+    with torch.no_grad():
+        model[1].bias.mul_(1.0)  # an in-place write to another tensor of the same file
+    out.backward()  # each tensor counts its own writes: model[0]'s saved weight is unchanged
+    model.zero_grad(set_to_none=True)
     torch.distributed.barrier()
     if rank == 0:
         with torch.no_grad():
@@ -144,9 +149,11 @@ def _write_after_load(rank: int, world_size: int, path: str, map_checkpoint: boo
 
 @pytest.mark.parametrize("map_checkpoint", [True, False], ids=["files", "shm"])
 def test_replicas_share_the_node_copy_until_a_rank_writes(tmp_path, map_checkpoint):
-    """...and each tensor is on a storage of its own (a slice of the node's copy), so that
-    ``torch.save`` of one tensor, or a splitter that groups tensors by storage, sees its bytes,
-    not the whole mapping."""
+    """...and each tensor is a tensor of its own on a storage of its own (a slice of the node's
+    copy): ``torch.save`` of one tensor, or a splitter that groups tensors by storage, sees its
+    bytes, not the whole mapping; and autograd, which checks a saved tensor's count of writes,
+    does not see a write to another tensor of the same file (views of one buffer share one
+    count)."""
     import torch
 
     torch.manual_seed(0)
