@@ -258,8 +258,8 @@ def map_files(root: str, plan: LoadPlan, buckets: list[Bucket]) -> dict[str, tor
     checkpoint tensor: the plan's ``identity``) on a storage of its own, a slice of a
     copy-on-write mapping of its file (see :class:`~distshard.byteviews.ByteViews`): the page
     cache's pages, shared by every process that maps the file, until this one writes a page
-    (then that page is its own). The tensors keep their mapping alive. Rewriting the file in place (not by rename) while they live changes what they
-    read, as with any mapped file."""
+    (then that page is its own). The tensors keep their mapping alive. Rewriting the file in
+    place (not by rename) while they live changes what they read, as with any mapped file."""
     whole: dict[str, Slot | list[Slot]] = {}  # key -> its slot, or its slots where several
     for bucket in buckets:
         for slot in bucket.slots:

@@ -149,11 +149,11 @@ def _write_after_load(rank: int, world_size: int, path: str, map_checkpoint: boo
 
 @pytest.mark.parametrize("map_checkpoint", [True, False], ids=["files", "shm"])
 def test_replicas_share_the_node_copy_until_a_rank_writes(tmp_path, map_checkpoint):
-    """...and each tensor is a tensor of its own on a storage of its own (a slice of the node's
-    copy): ``torch.save`` of one tensor, or a splitter that groups tensors by storage, sees its
-    bytes, not the whole mapping; and autograd, which checks a saved tensor's count of writes,
-    does not see a write to another tensor of the same file (views of one buffer share one
-    count)."""
+    """Both shared copies (the page cache, the node image) stay shared until a rank writes, and
+    each tensor is a tensor of its own on a storage of its own (a slice of the node's copy):
+    ``torch.save`` of one tensor, or a splitter that groups tensors by storage, sees its bytes,
+    not the whole mapping; and autograd, which checks a saved tensor's count of writes, does
+    not see a write to another tensor of the same file (views of one buffer share one count)."""
     import torch
 
     torch.manual_seed(0)
