@@ -3,7 +3,7 @@ the parameter's dtype. Pure; the same on every rank."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -24,6 +24,10 @@ class ImageLayout:
     dtype: dict[str, torch.dtype]
     shape: dict[str, tuple[int, ...]]
     nbytes: int
+    # the run of each bucket of the plan laid out (id -> the bucket, its run): found once, where
+    # checking the layout and moving the buckets both need it
+    _runs: dict[int, tuple[Bucket, tuple[int, int] | None]] = field(
+        default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def of(cls, plan: LoadPlan,
@@ -40,13 +44,14 @@ class ImageLayout:
                     end = ends[slot.key] = offset[slot.key] + volume(shape) * dtype.itemsize
         layout = cls(offset, ends, {k: specs[k][0] for k in offset},
                      {k: specs[k][1] for k in offset}, end)
-        layout._check_runs(plan)
+        layout._runs.update((id(b), (b, layout._run(b))) for b in plan.buckets)
+        layout._check_runs()
         return layout
 
-    def _check_runs(self, plan: LoadPlan) -> None:
+    def _check_runs(self) -> None:
         """Each bucket's run of bytes holds its own slots only: what crosses nodes is the run.
         (A node-local plan holds each bucket once per node: the same run.)"""
-        runs = sorted({r for r in map(self.run, plan.buckets) if r is not None})
+        runs = sorted({r for _, r in self._runs.values() if r is not None})
         if any(a[1] > b[0] for a, b in zip(runs, runs[1:])):
             raise AssertionError("internal error: buckets overlap in the node image")
 
@@ -70,6 +75,12 @@ class ImageLayout:
         """The bucket's slots as one run of image bytes: each slot contiguous, each next one
         right after the last (or, in another tensor, after the alignment between two whole
         tensors); None otherwise."""
+        known = self._runs.get(id(bucket))
+        if known is not None and known[0] is bucket:
+            return known[1]
+        return self._run(bucket)
+
+    def _run(self, bucket: Bucket) -> tuple[int, int] | None:
         begin = end = last = None  # of the run so far, and the key of its last slot
         for slot in bucket.slots:
             r = self._slot_range(slot)
