@@ -67,12 +67,10 @@ def hub_layout(model: torch.nn.Module, tensors: Mapping[str, torch.Tensor]) -> l
     """The tensors to save for ``tensors`` (the model's, by name), in order."""
     identity = [Saved(k, t.dtype, box[1], (Source(k, box, box),))
                 for k, t in tensors.items() for box in (whole(t.shape),)]
-    if not is_transformers_model(model):
+    if not is_transformers_model(model) or _kept_as_is(model, tensors):
         return identity
     from transformers.core_model_loading import revert_weight_conversion
 
-    if _kept_as_is(model, tensors):
-        return identity
     meta = {k: torch.empty(t.shape, dtype=t.dtype, device="meta") for k, t in tensors.items()}
     try:
         with own_classes(model):  # transformers finds conversions by the model's own class
