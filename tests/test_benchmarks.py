@@ -82,3 +82,15 @@ def test_multinode_runs_where_allowed_and_every_loader_agrees(tmp_path):
         ("sharded", "distshard"), ("sharded", "transformers")], out
     assert len({round(r["checksum"], 3) for r in rows}) == 1, out
     assert (tmp_path / "s2.png").stat().st_size > 0
+
+
+def test_planning_floor_runs_every_planner_on_every_rank(tmp_path):
+    out = run("planning_floor.py", tmp_path, "--size", "many-tiny", "--ranks", "2",
+              "--rounds", "1", "--json", str(tmp_path / "out.json"))
+    rows = json.loads((tmp_path / "out.json").read_text())["rows"]
+    assert [(r["ranks"], r["planner"]) for r in rows] == [
+        (2, "distshard"), (2, "floor"), (2, "floor-bare")], out
+    for r in rows:
+        assert r["planning_seconds"] > 0 and r["exchange_seconds"] >= 0, r
+        assert r["plan_bytes"] > 0 and len(r["runs"]) == 1, r
+    assert "the times below are not figures" in out
