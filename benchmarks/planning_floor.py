@@ -4,24 +4,32 @@ distshard's own, in one run (the many-tensor case's fixed cost, see docs/benchma
     python benchmarks/planning_floor.py [--size many] [--ranks 2 4] [--rounds 3] [--json out.json]
 
 Each rank builds the checkpoint's model on meta once, as compare.py does; then, in every round,
-the planners take turns (in a different order each round), every rank starting each one at a
-barrier, the checkpoint's headers in the page cache:
+the planners take turns (in an order shuffled each round), every rank starting each one at a
+barrier, the checkpoint's headers in the page cache, in one process per rank for all rounds
+(transformers builds its table of conversions once per process: in the first round):
 
   distshard    the planning phase of ``distshard.load`` (``distshard.loader._plan``: every rank
                inspects its model, rank 0 validates the checkpoint and plans, all agree, rank 0
-               sends the plan), timed off the collective that sends the plan as compare.py does
-  floor        only the passes no planner can skip, each the cheapest Python there is, no
-               record per tensor: every rank walks its model's modules (names, shapes, dtypes,
-               tied tensors once), hashes them and all-gathers the digest; rank 0 parses every
-               header into lists, sends every key through transformers' ``rename_source_key``
-               (its base-model prefix step, as its own loader does), checks shape and dtype,
-               finds the missing keys, cuts each file into 64 MiB buckets, and pickles the
-               columns, which it broadcasts and the others unpickle
-  floor-bare   ``floor`` without the digest, the dtype and missing-key checks and the buckets
+               sends the plan), read off the collective that sends the plan as compare.py reads
+               it, with load's memory sampler running
+  floor        only the passes no planner can skip, with no record per tensor, no memory
+               sampler, and the fastest form of each that distshard knows: every rank walks its
+               model's modules (names, shapes, dtypes, tied tensors once) and all-gathers a
+               digest of them (in walk order, unsorted); rank 0 takes transformers' rules for the
+               model, parses the headers of the files the index lists into lists, sends every
+               key through transformers' ``rename_source_key`` as its own loader does (with the
+               rules where one of their patterns is found in the key, else its base-model prefix
+               step alone), checks shape and dtype, finds the missing keys, cuts each file into
+               buckets of distshard's default size, and broadcasts the columns, pickled; the
+               others unpickle them
+  floor-bare   ``floor`` without the digest, the rules, the dtype and missing-key checks and the
+               buckets
 
-``floor`` is a lower bound, not a planner: it has no error paths, no conversions and no plan a
-reader could use. Rows: rank 0's planning (from the barrier to the plan sent) and the exchange
-(to the last rank holding it), the median of the rounds.
+A floor is a lower bound, not a planner: no error paths, no conversions, no plan a reader could
+use; it takes only safetensors checkpoints whose every key names one model tensor (the
+``many`` sizes), and stops on any other. Rows: rank 0's planning (from the barrier to the plan
+handed to the collective, before pickling) and the exchange (pickling, sending, unpickling: to
+the last rank holding it), the median round by their sum.
 """
 
 from __future__ import annotations
@@ -37,33 +45,39 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from compare import _meta_model, _PlanProbe  # noqa: E402
-from harness import MANY_SIZES, START_METHOD, sample_checkpoint, say_start_method  # noqa: E402
+from harness import (  # noqa: E402
+    MANY_SIZES,
+    START_METHOD,
+    median_run,
+    sample_checkpoint,
+    say_start_method,
+)
 
 PLANNERS = ["distshard", "floor", "floor-bare"]
-BUCKET = 64 << 20
 
 
 def _walk(model):
-    """Names, shapes and dtypes of the model's parameters and persistent buffers, a tied
-    tensor once, in ``named_modules`` order."""
-    names, shapes, dtypes, seen = [], [], [], set()
+    """The model's modules (``named_modules(remove_duplicate=False)``, in its order), and the
+    names, shapes and dtypes of its parameters and persistent buffers, a tied tensor once."""
+    modules, names, shapes, dtypes, seen = [], [], [], [], set()
     stack = [("", model)]
     while stack:
         prefix, module = stack.pop()
+        modules.append((prefix, module))
         dot = prefix + "." if prefix else ""
         if module._modules:
             stack.extend(reversed([(dot + n, c) for n, c in module._modules.items()
                                    if c is not None]))
-        skip = module._non_persistent_buffers_set
-        for table, persistent in ((module._parameters, None), (module._buffers, skip)):
+        for table, skipped in ((module._parameters, None),
+                               (module._buffers, module._non_persistent_buffers_set)):
             for name, t in table.items():
-                if t is None or (persistent and name in persistent) or id(t) in seen:
+                if t is None or (skipped and name in skipped) or id(t) in seen:
                     continue
                 seen.add(id(t))
                 names.append(dot + name)
                 shapes.append(list(t.shape))
                 dtypes.append(t.dtype)
-    return names, shapes, dtypes
+    return modules, names, shapes, dtypes
 
 
 def _floor(model, ckpt: str, full: bool, figures: dict) -> None:
@@ -75,9 +89,12 @@ def _floor(model, ckpt: str, full: bool, figures: dict) -> None:
     from transformers.core_model_loading import rename_source_key
 
     from distshard.index import SAFETENSORS_DTYPES
+    from distshard.keys import key_rules
+    from distshard.options import DEFAULT_BUCKET_SIZE
+    from distshard.patterns import could_match
 
     rank, world = dist.get_rank(), dist.get_world_size()
-    names, shapes, dtypes = _walk(model)
+    modules, names, shapes, dtypes = _walk(model)
     if full:
         digest = hashlib.sha256("\n".join(names).encode())
         digest.update(repr(shapes).encode())
@@ -89,41 +106,61 @@ def _floor(model, ckpt: str, full: bool, figures: dict) -> None:
             raise RuntimeError("the ranks' models differ")
     payload = [None]
     if rank == 0:
+        renamings, converters, found = [], [], None
+        if full:  # transformers' rules, and the test of whether one can rename a key
+            rules = key_rules(model, None, modules)
+            renamings, converters = rules.renamings, rules.converters
+            found = could_match([*renamings, *converters])
         present = dict.fromkeys(names, True)
         index = {n: i for i, n in enumerate(names)}
         prefix, files, formed = model.base_model_prefix, [], set()
-        for number, name in enumerate(sorted(f for f in os.listdir(ckpt)
-                                             if f.endswith(".safetensors"))):
+        for number, name in enumerate(_files(ckpt)):
             with open(os.path.join(ckpt, name), "rb") as f:
                 header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
             header.pop("__metadata__", None)
             begins, ends, targets = [], [], []
             for key, entry in header.items():
-                i = index.get(rename_source_key(key, [], [], prefix, present)[0], -1)
-                if i < 0 or shapes[i] != entry["shape"] or (
+                target = pattern = None
+                if found is not None and found(key):
+                    target, pattern = rename_source_key(key, renamings, converters, prefix,
+                                                        present)
+                if target is None or (target not in present and key in present):
+                    target, pattern = rename_source_key(key, [], [], prefix, present)
+                i = index.get(target, -1)
+                if pattern is not None or i < 0 or shapes[i] != entry["shape"] or (
                         full and SAFETENSORS_DTYPES[entry["dtype"]] is not dtypes[i]):
-                    raise RuntimeError(f"{key!r} does not match the model")
+                    raise RuntimeError(f"{key!r} does not name one model tensor of its shape")
                 begins.append(entry["data_offsets"][0])
                 ends.append(entry["data_offsets"][1])
                 targets.append(i)
             column = [name, "\n".join(header), begins, ends, targets, number % world]
+            formed.update(targets)
             if full:
-                formed.update(targets)
                 bucket, start, cut = [0] * len(begins), 0, 0
                 for j in sorted(range(len(begins)), key=begins.__getitem__):
-                    if ends[j] - start > BUCKET:
+                    if ends[j] - start > DEFAULT_BUCKET_SIZE:
                         cut, start = cut + 1, begins[j]
                     bucket[j] = cut
                 column.append(bucket)
             files.append(column)
         if full and len(formed) != len(names):
             raise RuntimeError(f"{len(names) - len(formed)} model tensors are missing")
+        figures.update(plan_sent=time.perf_counter(), tensors=len(formed))
         payload = [pickle.dumps(files, protocol=pickle.HIGHEST_PROTOCOL)]
-        figures.update(plan_sent=time.perf_counter(), plan_bytes=len(payload[0]))
+        figures["plan_bytes"] = len(payload[0])
     dist.broadcast_object_list(payload, src=0)
     if rank != 0:
         pickle.loads(payload[0])
     figures["plan_received"] = time.perf_counter()
+
+
+def _files(ckpt: str) -> list[str]:
+    """The safetensors files of the checkpoint: those its index lists, else its one file."""
+    index = os.path.join(ckpt, "model.safetensors.index.json")
+    if not os.path.exists(index):
+        return ["model.safetensors"]
+    with open(index) as f:
+        return sorted(set(json.load(f)["weight_map"].values()))
 
 
 def _distshard(model, ckpt: str, figures: dict) -> None:
@@ -139,9 +176,9 @@ def _distshard(model, ckpt: str, figures: dict) -> None:
 
     timeout = timedelta(minutes=10)
     with _PlanProbe() as probe, PeakMemorySampler(), paused_gc():  # as distshard.load runs it
-        _plan(model, ckpt, Comm(None, timeout), LoadOptions(timeout=timeout),
-              torch.device("cpu"))
-    figures.update(probe.figures)
+        outcome = _plan(model, ckpt, Comm(None, timeout), LoadOptions(timeout=timeout),
+                        torch.device("cpu"))[2]
+    figures.update(probe.figures, tensors=len(outcome.loaded_keys))
 
 
 def _rank(rank: int, world_size: int, ckpt: str, rounds: int) -> list[dict]:
@@ -177,6 +214,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json")
     args = parser.parse_args()
+    if min(args.ranks) < 2 or args.rounds < 1:
+        parser.error("--ranks of 2 or more (one rank sends no plan) and --rounds of 1 or more")
     ckpt = sample_checkpoint(args.checkpoint, args.size)
     say_start_method()
     print(f"{'ranks':>5} {'planner':<11} {'planning s':>10} {'exchange s':>10} {'sum s':>6} "
@@ -191,17 +230,16 @@ def main() -> int:
                                       and r["round"] == k) for ranks in res]
                 planning = zero["plan_sent"] - zero["started"]
                 exchange = max(r["plan_received"] for r in [zero, *others]) - zero["plan_sent"]
-                runs.append(dict(ranks=n, planner=planner, round=k, planning_seconds=planning,
-                                 exchange_seconds=exchange, plan_bytes=zero["plan_bytes"]))
-            runs.sort(key=lambda r: r["planning_seconds"] + r["exchange_seconds"])
-            row = dict(runs[len(runs) // 2], runs=runs)
+                runs.append({"ranks": n, "planner": planner, "round": k,
+                             "planning_seconds": planning, "exchange_seconds": exchange,
+                             "seconds": planning + exchange, "plan_bytes": zero["plan_bytes"],
+                             "tensors": zero["tensors"]})
+            row = dict(median_run(runs), runs=runs)
             rows.append(row)
-            total = row["planning_seconds"] + row["exchange_seconds"]
-            every = " ".join(f"{r['planning_seconds'] + r['exchange_seconds']:.2f}"
-                             for r in sorted(runs, key=lambda r: r["round"]))
             print(f"{n:>5} {planner:<11} {row['planning_seconds']:>10.2f} "
-                  f"{row['exchange_seconds']:>10.2f} {total:>6.2f} "
-                  f"{row['plan_bytes'] / 1e6:>8.2f}  {every}", flush=True)
+                  f"{row['exchange_seconds']:>10.2f} {row['seconds']:>6.2f} "
+                  f"{row['plan_bytes'] / 1e6:>8.2f}  "
+                  f"{' '.join(f'{s:.2f}' for s in row['times'])}", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(checkpoint=ckpt, start_method=START_METHOD, rows=rows), f, indent=1)

@@ -90,7 +90,7 @@ def test_planning_floor_runs_every_planner_on_every_rank(tmp_path):
     rows = json.loads((tmp_path / "out.json").read_text())["rows"]
     assert [(r["ranks"], r["planner"]) for r in rows] == [
         (2, "distshard"), (2, "floor"), (2, "floor-bare")], out
-    for r in rows:
-        assert r["planning_seconds"] > 0 and r["exchange_seconds"] >= 0, r
-        assert r["plan_bytes"] > 0 and len(r["runs"]) == 1, r
+    for r in rows:  # every planner matched every tensor of the checkpoint
+        assert r["planning_seconds"] > 0 and r["exchange_seconds"] > 0, r
+        assert r["plan_bytes"] > 0 and r["tensors"] == 441 and len(r["runs"]) == 1, r
     assert "the times below are not figures" in out
