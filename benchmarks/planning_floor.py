@@ -57,17 +57,14 @@ PLANNERS = ["distshard", "floor", "floor-bare"]
 
 
 def _walk(model):
-    """The model's modules (``named_modules(remove_duplicate=False)``, in its order), and the
-    names, shapes and dtypes of its parameters and persistent buffers, a tied tensor once."""
-    modules, names, shapes, dtypes, seen = [], [], [], [], set()
-    stack = [("", model)]
-    while stack:
-        prefix, module = stack.pop()
-        modules.append((prefix, module))
+    """The model's modules (:func:`distshard.materialize.named_modules`), and the names, shapes
+    and dtypes of its parameters and persistent buffers, a tied tensor once."""
+    from distshard.materialize import named_modules
+
+    modules = named_modules(model)
+    names, shapes, dtypes, seen = [], [], [], set()
+    for prefix, module in modules:
         dot = prefix + "." if prefix else ""
-        if module._modules:
-            stack.extend(reversed([(dot + n, c) for n, c in module._modules.items()
-                                   if c is not None]))
         for table, skipped in ((module._parameters, None),
                                (module._buffers, module._non_persistent_buffers_set)):
             for name, t in table.items():
